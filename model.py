@@ -1,0 +1,358 @@
+"""The Mistral Small 3.x text transformer, its KV cache, and loading of the official checkpoints.
+
+A dense decoder: token embedding -> n_layers pre-norm blocks (GQA attention with RoPE, SwiGLU
+feed-forward) -> RMSNorm -> untied output head. Shapes use
+    B batch, S new tokens, T cache length, D dim, H query heads, K kv heads, Dh head_dim, V vocab.
+For the real 24B model: D 5120, 40 layers, H 32, K 8, Dh 128 (so H * Dh = 4096 != D), V 131072.
+"""
+import json
+import re
+import warnings
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class VisionArgs:
+    """The `vision_encoder` block of params.json (Pixtral-style tower, patch merger, adapter)."""
+    hidden_size: int
+    num_channels: int
+    image_size: int
+    patch_size: int
+    rope_theta: float
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_token_id: int
+    image_break_token_id: int
+    image_end_token_id: int
+    adapter_bias: bool = True
+    spatial_merge_size: int = 1
+    add_pre_mm_projector_layer_norm: bool = False
+    mm_projector_id: str = ""
+    max_image_size: int | None = None
+
+
+@dataclass
+class ModelArgs:
+    """params.json of the native checkpoint. head_dim is explicit: n_heads * head_dim != dim."""
+    dim: int
+    n_layers: int
+    head_dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    norm_eps: float
+    vocab_size: int
+    rope_theta: float
+    max_position_embeddings: int = 131072  # older params.json omit it; the model cards give 128k
+    vision: VisionArgs | None = None
+
+    @classmethod
+    def from_params(cls, params: dict, source: str = "params.json") -> "ModelArgs":
+        params = dict(params)
+        vision = params.pop("vision_encoder", None)
+        args = _build(cls, params, source, skip={"vision"})
+        if vision is not None:
+            args.vision = _build(VisionArgs, vision, f"{source}: vision_encoder")
+        return args
+
+
+# Fields that change the math and that this implementation does not have: refuse, never ignore.
+UNSUPPORTED = {"moe", "sliding_window", "rope_scaling", "yarn", "quantization", "lora"}
+
+
+def _build(cls, values: dict, source: str, skip: frozenset = frozenset()):
+    """Construct dataclass `cls` from a dict: missing required fields are errors, unknown ones warnings."""
+    known = {f.name: f for f in fields(cls) if f.name not in skip}
+    missing = [n for n, f in known.items()
+               if f.default is MISSING and f.default_factory is MISSING and n not in values]
+    if missing:
+        raise ValueError(f"{source}: missing required field(s) {missing}")
+    for name, value in values.items():
+        if name in UNSUPPORTED and value:
+            raise ValueError(f"{source}: field {name!r} = {value!r} is not supported by this implementation")
+        if name not in known and name not in UNSUPPORTED:
+            warnings.warn(f"{source}: ignoring unknown field {name!r}")
+    return cls(**{n: values[n] for n in known if n in values})
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The statistics in float32 whatever the weights' dtype, then back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """[Dh/2] inverse frequencies theta^(-2i/Dh), in float32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ADJACENT pairs (2i, 2i+1) of x [B, S, heads, Dh] by angles [S, Dh/2] (native layout)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)   # [B, S, heads, Dh/2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]              # broadcast over heads
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for [B, K, T] positions, written in place at the given positions."""
+
+    def __init__(self, batch: int, length: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # pos [S]; k, v [B, K, S, Dh] -> the whole buffers [B, K, T, Dh]
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, pos=None):
+        # x [B, S, D]; cos, sin [S, Dh/2]; mask: bool [S, T] (True = attend) or None for causal
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))        # [B, heads, S, Dh]
+        if self.cache is not None and pos is not None:
+            k, v = self.cache.update(pos, k, v)                 # [B, K, T, Dh]
+        # enable_gqa: kv head j serves query heads j*H/K .. (j+1)*H/K - 1, without copying k and v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block, shared by the text model and the vision tower."""
+
+    def __init__(self, dim, n_heads, n_kv_heads, head_dim, hidden_dim, norm_eps):
+        super().__init__()
+        self.attention = Attention(dim, n_heads, n_kv_heads, head_dim)
+        self.feed_forward = FeedForward(dim, hidden_dim)
+        self.attention_norm = RMSNorm(dim, norm_eps)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+
+    def forward(self, x, cos, sin, mask, pos=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim, args.norm_eps)
+            for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
+        """Allocate a KV cache for `batch_size` sequences of up to `max_seq_len` tokens (once)."""
+        if max_seq_len > self.args.max_position_embeddings:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of "
+                             f"{self.args.max_position_embeddings} tokens")
+        w = self.output.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
+                                            w.dtype, w.device)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                hidden: list | None = None) -> torch.Tensor:
+        """tokens [B, S] -> float32 logits [B, S, V].
+
+        input_pos None: a plain causal forward over positions 0..S-1, no cache.
+        input_pos [S]: the positions of `tokens` in the sequence; keys and values are written to the
+        cache made by setup_cache() and attention sees every cached position up to its own.
+        hidden: if a list is given, the hidden state [B, S, D] after each block is appended to it.
+        """
+        B, S = tokens.shape
+        if input_pos is None:
+            pos, mask = torch.arange(S, device=tokens.device), None
+        else:
+            cache = self.layers[0].attention.cache
+            if cache is None:
+                raise ValueError("input_pos given but no cache: call model.setup_cache(batch, max_seq_len) first")
+            pos = input_pos
+            mask = torch.arange(cache.k.shape[2], device=tokens.device) <= pos[:, None]   # [S, T]
+        inv_freq = rope_frequencies(self.args.head_dim, self.args.rope_theta).to(tokens.device)
+        angles = pos.float()[:, None] * inv_freq                                          # [S, Dh/2]
+        cos, sin = angles.cos(), angles.sin()
+        h = self.tok_embeddings(tokens)                                                   # [B, S, D]
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, input_pos)
+            if hidden is not None:
+                hidden.append(h)
+        return self.output(self.norm(h)).float()
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _hf_args(config: dict, source: str) -> ModelArgs:
+    """ModelArgs from a Hugging Face config.json (MistralForCausalLM or Mistral3ForConditionalGeneration)."""
+    text = config.get("text_config", config)
+    theta = text.get("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta"))
+    names = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "head_dim": "head_dim",
+             "hidden_dim": "intermediate_size", "n_heads": "num_attention_heads",
+             "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps", "vocab_size": "vocab_size",
+             "max_position_embeddings": "max_position_embeddings"}
+    values = {ours: text[theirs] for ours, theirs in names.items() if text.get(theirs) is not None}
+    if theta is not None:
+        values["rope_theta"] = theta
+    values.setdefault("head_dim", values.get("dim", 0) // max(values.get("n_heads", 1), 1))
+    return _build(ModelArgs, values, source, skip={"vision"})
+
+
+# Hugging Face names -> native names. A text prefix is stripped first.
+HF_TEXT_PREFIX = re.compile(r"^(model\.language_model\.|language_model\.model\.|language_model\.|model\.)")
+HF_RENAMES = [
+    (r"^embed_tokens\.", "tok_embeddings."),
+    (r"^lm_head\.", "output."),
+    (r"\.self_attn\.q_proj\.", ".attention.wq."),
+    (r"\.self_attn\.k_proj\.", ".attention.wk."),
+    (r"\.self_attn\.v_proj\.", ".attention.wv."),
+    (r"\.self_attn\.o_proj\.", ".attention.wo."),
+    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
+    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
+    (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
+    (r"\.input_layernorm\.", ".attention_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+]
+
+
+def hf_to_native_name(name: str) -> str:
+    name = HF_TEXT_PREFIX.sub("", name)
+    for pattern, repl in HF_RENAMES:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo the Hugging Face rotate-half row order of wq / wk: per head, HF row j is native row 2j
+    and HF row Dh/2 + j is native row 2j + 1. w [n_heads * Dh, D_in]; for wk n_heads is n_kv_heads."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _checkpoint_files(folder: Path) -> tuple[str, list[Path], ModelArgs]:
+    if (folder / "params.json").is_file():
+        args = ModelArgs.from_params(_read_json(folder / "params.json"), str(folder / "params.json"))
+        files = sorted(folder.glob("consolidated*.safetensors"))
+        layout = "native"
+    elif (folder / "config.json").is_file():
+        args = _hf_args(_read_json(folder / "config.json"), str(folder / "config.json"))
+        files = sorted(folder.glob("model*.safetensors"))
+        layout = "hf"
+    else:
+        raise FileNotFoundError(f"{folder}: no params.json (native layout) or config.json (Hugging Face "
+                                f"layout) found; expected an official Mistral checkpoint folder")
+    if not files:
+        expected = "consolidated.safetensors" if layout == "native" else "model-*.safetensors"
+        raise FileNotFoundError(f"{folder}: no weights found, expected {expected}")
+    return layout, files, args
+
+
+def _read_tensors(files: list[Path], layout: str, args: ModelArgs, expected: dict, dtype, device) -> dict:
+    """Read every tensor, renamed and un-permuted to the native layout, checked against `expected`
+    (name -> shape), cast to dtype and placed on device one at a time."""
+    state = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = key if layout == "native" else hf_to_native_name(key)
+                    if name not in expected:
+                        raise ValueError(f"{path}: unexpected tensor {key!r}" + _vision_hint(name, args))
+                    t = f.get_tensor(key)
+                    if layout == "hf" and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                        heads = args.n_heads if ".wq." in name else args.n_kv_heads
+                        t = unpermute_rotary(t, heads)
+                    if tuple(t.shape) != expected[name]:
+                        raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                         f"expected {expected[name]}")
+                    state[name] = t.to(device=device, dtype=dtype or t.dtype)
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{files[0].parent}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return state
+
+
+def _vision_hint(name: str, args: ModelArgs) -> str:
+    if name.startswith(("vision_encoder.", "vision_tower.", "patch_merger.", "pre_mm_projector_norm",
+                        "vision_language_adapter.", "multi_modal_projector.")):
+        return " (a vision-encoder weight: this build loads the text model only)"
+    return ""
+
+
+def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """Load an official checkpoint folder (params.json + consolidated*.safetensors, or the Hugging
+    Face layout config.json + model-*.safetensors). dtype None keeps the stored dtype (bf16)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    layout, files, args = _checkpoint_files(folder)
+    # Build on the meta device (no memory) and then assign the tensors read from disk, so that
+    # the weights are held once.
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    state = _read_tensors(files, layout, args, expected, dtype, device)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
