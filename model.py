@@ -1,14 +1,16 @@
-"""The Mistral Small 3.x text transformer, its KV cache, and loading of the official checkpoints.
+"""The Mistral Small 3.x transformer, its KV cache, and loading of the official checkpoints.
 
 A dense decoder: token embedding -> n_layers pre-norm blocks (GQA attention with RoPE, SwiGLU
 feed-forward) -> RMSNorm -> untied output head. Shapes use
     B batch, S new tokens, T cache length, D dim, H query heads, K kv heads, Dh head_dim, V vocab.
 For the real 24B model: D 5120, 40 layers, H 32, K 8, Dh 128 (so H * Dh = 4096 != D), V 131072.
+Images (vision.py turns their pixels into embeddings) replace the embeddings of the [IMG] tokens.
 """
 import json
 import re
 import warnings
 from dataclasses import MISSING, dataclass, fields
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -31,8 +33,9 @@ class VisionArgs:
     num_hidden_layers: int
     num_attention_heads: int
     image_token_id: int
-    image_break_token_id: int
-    image_end_token_id: int
+    # The model itself uses only image_token_id; Hugging Face's config.json lacks the other two.
+    image_break_token_id: int | None = None
+    image_end_token_id: int | None = None
     adapter_bias: bool = True
     spatial_merge_size: int = 1
     add_pre_mm_projector_layer_norm: bool = False
@@ -61,7 +64,11 @@ class ModelArgs:
         vision = params.pop("vision_encoder", None)
         args = _build(cls, params, source, skip={"vision"})
         if vision is not None:
-            args.vision = _build(VisionArgs, vision, f"{source}: vision_encoder")
+            args.vision = v = _build(VisionArgs, vision, f"{source}: vision_encoder")
+            if v.mm_projector_id != "patch_merge" or not v.add_pre_mm_projector_layer_norm:
+                raise ValueError(f"{source}: vision_encoder with mm_projector_id {v.mm_projector_id!r} and "
+                                 f"add_pre_mm_projector_layer_norm {v.add_pre_mm_projector_layer_norm} is not "
+                                 f"supported (this implementation has the Small 3.x patch merger and its norm)")
         return args
 
 
@@ -184,6 +191,9 @@ class TransformerBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
+TEXT_ONLY = "this model is text-only (its checkpoint has no vision encoder): it cannot take images"
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -194,6 +204,15 @@ class Transformer(nn.Module):
             for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.vision_encoder = None
+        if args.vision is not None:
+            # vision.py builds on the blocks above, so it can only be imported once this module is loaded
+            from vision import PatchMerger, VisionEncoder, VisionLanguageAdapter
+            v = args.vision
+            self.vision_encoder = VisionEncoder(v)
+            self.pre_mm_projector_norm = RMSNorm(v.hidden_size, eps=1e-5)
+            self.patch_merger = PatchMerger(v.hidden_size, v.spatial_merge_size)
+            self.vision_language_adapter = VisionLanguageAdapter(v.hidden_size, args.dim, v.adapter_bias)
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate a KV cache for `batch_size` sequences of up to `max_seq_len` tokens (once)."""
@@ -205,14 +224,40 @@ class Transformer(nn.Module):
             layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
                                             w.dtype, w.device)
 
+    def image_features(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """The embeddings [n_image_tokens, D] that replace the [IMG] tokens of `images`, pixel tensors
+        [3, H, W] (H, W multiples of 28) in prompt order: each image's tokens row-major, image after image."""
+        if self.vision_encoder is None:
+            raise ValueError(TEXT_ONLY)
+        x, grids = self.vision_encoder(images)                        # [N patches, C], each image's (h, w)
+        x = self.patch_merger(self.pre_mm_projector_norm(x), grids)   # [n_image_tokens, C]
+        return self.vision_language_adapter(x)                        # [n_image_tokens, D]
+
+    def embed(self, tokens: torch.Tensor, images: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """tokens [B, S] -> [B, S, D]: the token embeddings, with the image features in place of the
+        [IMG] tokens. The images fill the [IMG] tokens in order, row after row of the batch."""
+        h = self.tok_embeddings(tokens)                               # [B, S, D]
+        images = [] if images is None else images
+        if self.vision_encoder is None:
+            if isinstance(images, (list, tuple)) and not images:
+                return h
+            raise ValueError(TEXT_ONLY)
+        is_image = tokens == self.args.vision.image_token_id          # [B, S]
+        _check_image_tokens(is_image, self.vision_encoder.token_grids(images))
+        if not images:
+            return h
+        return h.masked_scatter(is_image[..., None], self.image_features(images).to(h.dtype))
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                hidden: list | None = None) -> torch.Tensor:
+                hidden: list | None = None, images: list[torch.Tensor] | None = None) -> torch.Tensor:
         """tokens [B, S] -> float32 logits [B, S, V].
 
         input_pos None: a plain causal forward over positions 0..S-1, no cache.
         input_pos [S]: the positions of `tokens` in the sequence; keys and values are written to the
         cache made by setup_cache() and attention sees every cached position up to its own.
         hidden: if a list is given, the hidden state [B, S, D] after each block is appended to it.
+        images: pixel tensors [3, H, W], one per image whose [IMG] tokens are among `tokens`, in their
+        order (see embed); H and W are multiples of 28 (vision.preprocess_image makes them).
         """
         B, S = tokens.shape
         if input_pos is None:
@@ -226,7 +271,7 @@ class Transformer(nn.Module):
         inv_freq = rope_frequencies(self.args.head_dim, self.args.rope_theta).to(tokens.device)
         angles = pos.float()[:, None] * inv_freq                                          # [S, Dh/2]
         cos, sin = angles.cos(), angles.sin()
-        h = self.tok_embeddings(tokens)                                                   # [B, S, D]
+        h = self.embed(tokens, images)                                                    # [B, S, D]
         for layer in self.layers:
             h = layer(h, cos, sin, mask, input_pos)
             if hidden is not None:
@@ -234,9 +279,29 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 
+def _check_image_tokens(is_image: torch.Tensor, grids: list[tuple[int, int]]) -> None:
+    """The chat layout writes an image of rows x cols image tokens as `rows` runs of `cols` [IMG] tokens
+    (runs end at [IMG_BREAK], the last at [IMG_END]). Check that the runs in is_image [B, S] are those
+    of the images' grids, in order, so that no image is missing, left over or of another shape."""
+    runs = [len(list(run)) for row in is_image.tolist() for flag, run in groupby(row) if flag]
+    start = 0
+    for i, (rows, cols) in enumerate(grids):
+        found = runs[start:start + rows]
+        if not found:
+            raise ValueError(f"image {i}: no [IMG] tokens left for it: the prompt has {sum(runs)} [IMG] tokens "
+                             f"for {len(grids)} images")
+        if found != [cols] * rows:
+            raise ValueError(f"image {i}: its {rows} x {cols} image tokens need {rows} runs of {cols} [IMG] tokens, "
+                             f"the prompt has runs of {found} there")
+        start += rows
+    if start < len(runs):
+        raise ValueError(f"the prompt has {sum(runs[start:])} [IMG] tokens after those of the {len(grids)} "
+                         f"image(s) given: image {len(grids)} is missing")
+
+
 # ----------------------------------------------------------------------------- loading
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -255,28 +320,60 @@ def _hf_args(config: dict, source: str) -> ModelArgs:
     if theta is not None:
         values["rope_theta"] = theta
     values.setdefault("head_dim", values.get("dim", 0) // max(values.get("n_heads", 1), 1))
-    return _build(ModelArgs, values, source, skip={"vision"})
+    args = _build(ModelArgs, values, source, skip={"vision"})
+    if "vision_config" in config:
+        args.vision = _hf_vision_args(config, source)
+    return args
 
 
-# Hugging Face names -> native names. A text prefix is stripped first.
-HF_TEXT_PREFIX = re.compile(r"^(model\.language_model\.|language_model\.model\.|language_model\.|model\.)")
+def _hf_vision_args(config: dict, source: str) -> VisionArgs:
+    """VisionArgs from the config.json of a Mistral3ForConditionalGeneration."""
+    vision = config["vision_config"]
+    # transformers can configure other activations or feature layers; the model has exactly these.
+    for key, value, want in (("vision_config.hidden_act", vision.get("hidden_act"), "silu"),
+                             ("projector_hidden_act", config.get("projector_hidden_act"), "gelu"),
+                             ("vision_feature_layer", config.get("vision_feature_layer"), -1)):
+        if value != want:
+            raise ValueError(f"{source}: {key} is {value!r}; this model needs {want!r}")
+    theta = vision.get("rope_theta", (vision.get("rope_parameters") or {}).get("rope_theta"))
+    names = ["hidden_size", "num_channels", "image_size", "patch_size", "intermediate_size",
+             "num_hidden_layers", "num_attention_heads"]
+    values = {name: vision[name] for name in names if name in vision}
+    values.update(rope_theta=theta, image_token_id=config.get("image_token_index"),
+                  adapter_bias=config.get("multimodal_projector_bias"),
+                  spatial_merge_size=config.get("spatial_merge_size"), max_image_size=vision.get("image_size"),
+                  # Mistral3ForConditionalGeneration always has the norm and the patch merger.
+                  add_pre_mm_projector_layer_norm=True, mm_projector_id="patch_merge")
+    return _build(VisionArgs, {k: v for k, v in values.items() if v is not None}, f"{source}: vision_config")
+
+
+# Hugging Face names -> native names. The prefix is stripped first: the official files of
+# Mistral3ForConditionalGeneration use language_model.model.*, language_model.lm_head, vision_tower.*
+# and multi_modal_projector.*; newer transformers saves model.language_model.*, model.vision_tower.*,
+# model.multi_modal_projector.* and lm_head; MistralForCausalLM model.* and lm_head.
+HF_PREFIX = re.compile(r"^(model\.language_model\.|language_model\.model\.|language_model\.|model\.)")
 HF_RENAMES = [
     (r"^embed_tokens\.", "tok_embeddings."),
     (r"^lm_head\.", "output."),
-    (r"\.self_attn\.q_proj\.", ".attention.wq."),
-    (r"\.self_attn\.k_proj\.", ".attention.wk."),
-    (r"\.self_attn\.v_proj\.", ".attention.wv."),
-    (r"\.self_attn\.o_proj\.", ".attention.wo."),
-    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
-    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
-    (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
+    (r"^vision_tower\.", "vision_encoder."),
+    (r"^multi_modal_projector\.norm\.", "pre_mm_projector_norm."),
+    (r"^multi_modal_projector\.patch_merger\.", "patch_merger."),
+    (r"^multi_modal_projector\.linear_1\.", "vision_language_adapter.w_in."),
+    (r"^multi_modal_projector\.linear_2\.", "vision_language_adapter.w_out."),
+    (r"\.(self_attn|attention)\.q_proj\.", ".attention.wq."),
+    (r"\.(self_attn|attention)\.k_proj\.", ".attention.wk."),
+    (r"\.(self_attn|attention)\.v_proj\.", ".attention.wv."),
+    (r"\.(self_attn|attention)\.o_proj\.", ".attention.wo."),
+    (r"\.(mlp|feed_forward)\.gate_proj\.", ".feed_forward.w1."),
+    (r"\.(mlp|feed_forward)\.down_proj\.", ".feed_forward.w2."),
+    (r"\.(mlp|feed_forward)\.up_proj\.", ".feed_forward.w3."),
     (r"\.input_layernorm\.", ".attention_norm."),
     (r"\.post_attention_layernorm\.", ".ffn_norm."),
 ]
 
 
 def hf_to_native_name(name: str) -> str:
-    name = HF_TEXT_PREFIX.sub("", name)
+    name = HF_PREFIX.sub("", name)
     for pattern, repl in HF_RENAMES:
         name = re.sub(pattern, repl, name)
     return name
@@ -289,13 +386,21 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def _rotary_heads(name: str, args: ModelArgs) -> int:
+    """The head count of the Hugging Face permutation of wq / wk `name` (the vision tower has no GQA:
+    its wk is permuted by its query heads)."""
+    if name.startswith("vision_encoder."):
+        return args.vision.num_attention_heads
+    return args.n_heads if ".wq." in name else args.n_kv_heads
+
+
 def _checkpoint_files(folder: Path) -> tuple[str, list[Path], ModelArgs]:
     if (folder / "params.json").is_file():
-        args = ModelArgs.from_params(_read_json(folder / "params.json"), str(folder / "params.json"))
+        args = ModelArgs.from_params(read_json(folder / "params.json"), str(folder / "params.json"))
         files = sorted(folder.glob("consolidated*.safetensors"))
         layout = "native"
     elif (folder / "config.json").is_file():
-        args = _hf_args(_read_json(folder / "config.json"), str(folder / "config.json"))
+        args = _hf_args(read_json(folder / "config.json"), str(folder / "config.json"))
         files = sorted(folder.glob("model*.safetensors"))
         layout = "hf"
     else:
@@ -317,14 +422,14 @@ def _read_tensors(files: list[Path], layout: str, args: ModelArgs, expected: dic
                 for key in f.keys():
                     name = key if layout == "native" else hf_to_native_name(key)
                     if name not in expected:
-                        raise ValueError(f"{path}: unexpected tensor {key!r}" + _vision_hint(name, args))
+                        raise ValueError(f"{path}: unexpected tensor {key!r}: the model that the folder's "
+                                         f"config describes has no such weight")
                     t = f.get_tensor(key)
-                    if layout == "hf" and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                        heads = args.n_heads if ".wq." in name else args.n_kv_heads
-                        t = unpermute_rotary(t, heads)
                     if tuple(t.shape) != expected[name]:
                         raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
                                          f"expected {expected[name]}")
+                    if layout == "hf" and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                        t = unpermute_rotary(t, _rotary_heads(name, args))
                     state[name] = t.to(device=device, dtype=dtype or t.dtype)
         except SafetensorError as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
@@ -332,13 +437,6 @@ def _read_tensors(files: list[Path], layout: str, args: ModelArgs, expected: dic
     if missing:
         raise ValueError(f"{files[0].parent}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return state
-
-
-def _vision_hint(name: str, args: ModelArgs) -> str:
-    if name.startswith(("vision_encoder.", "vision_tower.", "patch_merger.", "pre_mm_projector_norm",
-                        "vision_language_adapter.", "multi_modal_projector.")):
-        return " (a vision-encoder weight: this build loads the text model only)"
-    return ""
 
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Transformer:

@@ -18,7 +18,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
+
+from model import RMSNorm, TransformerBlock, VisionArgs, rope_frequencies
 
 PATCH_SIZE = 14          # pixels per side of one vision patch
 SPATIAL_MERGE_SIZE = 2   # patches per side merged into one image token: 28-pixel cells
@@ -186,3 +190,131 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """[H, W, 3] values 0..255 -> [3, H, W]: to 0..1, then standardized per channel."""
     mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
     return ((pixels / 255 - mean) / std).permute(2, 0, 1).contiguous()
+
+
+# ---- the encoder -----------------------------------------------------------------------------
+#
+# Pixels [3, H, W] -> 14 x 14 patches -> a Pixtral-style transformer over the patches of all images at
+# once (2-D RoPE; a patch sees only the patches of its own image) -> RMSNorm -> each 2 x 2 square of
+# patches merged into one image token -> a GELU MLP into the text model's width. Shapes use
+#     N patches of all images, C hidden_size, h x w patches of one image, m spatial_merge_size, D text dim.
+# For Small 3.x: C 1024, 24 blocks of 16 heads of 64, m 2, D 5120; one image token per 28 x 28 pixels.
+
+
+def rope_2d(grids: list[tuple[int, int]], head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, Dh/2] for the patches of every image, each image row-major. The patch at (row, col)
+    turns its first Dh/4 pairs by row angles and its last Dh/4 pairs by column angles; rows take the
+    even-indexed frequencies of the 1-D RoPE and columns the odd ones."""
+    freqs = rope_frequencies(head_dim, theta).to(device)                          # [Dh/2]
+    angles = []
+    for h, w in grids:
+        rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)   # [h*w]
+        cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)              # [h*w]
+        angles.append(torch.cat((rows[:, None] * freqs[0::2], cols[:, None] * freqs[1::2]), dim=-1))
+    angles = torch.cat(angles)                                                    # [N, Dh/2]
+    return angles.cos(), angles.sin()
+
+
+def block_diagonal_mask(sizes: list[int], device) -> torch.Tensor:
+    """[N, N] bool, True = attend: a patch sees every patch of its own image (no causal order) and none
+    of the other images."""
+    image = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    return image[:, None] == image[None, :]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        heads = args.num_attention_heads
+        # The text model's block: no GQA here, and the norms use eps 1e-5.
+        self.layers = nn.ModuleList(
+            TransformerBlock(args.hidden_size, heads, heads, args.hidden_size // heads, args.intermediate_size, 1e-5)
+            for _ in range(args.num_hidden_layers))
+
+    def forward(self, x, cos, sin, mask):
+        # x [1, N, C]; cos, sin [N, Dh/2]; mask [N, N]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return x
+
+
+class VisionEncoder(nn.Module):
+    """The tower: patch convolution (no bias), ln_pre, then the transformer; no final norm."""
+
+    def __init__(self, args: VisionArgs):
+        super().__init__()
+        self.args = args
+        self.patch_conv = nn.Conv2d(args.num_channels, args.hidden_size, kernel_size=args.patch_size,
+                                    stride=args.patch_size, bias=False)
+        self.ln_pre = RMSNorm(args.hidden_size, eps=1e-5)
+        self.transformer = VisionTransformer(args)
+
+    def token_grids(self, images: list[torch.Tensor]) -> list[tuple[int, int]]:
+        """Check pixel tensors [3, H, W] (one per image) and return each image's grid of image tokens
+        (rows, cols); a bad image is named by its index."""
+        a = self.args
+        if not isinstance(images, (list, tuple)):
+            raise ValueError(f"images: expected a list of pixel tensors [3, H, W], got {type(images).__name__}")
+        step = a.patch_size * a.spatial_merge_size                    # pixels per image token side: 28
+        grids = []
+        for i, image in enumerate(images):
+            if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != a.num_channels:
+                got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(f"image {i}: expected pixels [{a.num_channels}, H, W], got {got}")
+            if not image.is_floating_point():
+                raise ValueError(f"image {i}: expected normalized float pixels, got {image.dtype} "
+                                 f"(preprocess_image makes them)")
+            _, height, width = image.shape
+            if height == 0 or width == 0 or height % step or width % step:
+                raise ValueError(f"image {i}: size {height}x{width} (H x W) is not a multiple of {step} pixels "
+                                 f"(patch {a.patch_size} x merge {a.spatial_merge_size}); preprocess_image "
+                                 f"resizes to one")
+            grids.append((height // step, width // step))
+        return grids
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Pixels [3, H, W] of each image -> the features [N, C] of all their patches, image after image,
+        each row-major; and each image's grid of patches (h, w)."""
+        self.token_grids(images)                                       # bad input: an error naming the image
+        weight = self.patch_conv.weight
+        patches = [self.patch_conv(image.to(weight.device, weight.dtype)[None])[0] for image in images]  # [C, h, w]
+        grids = [(p.shape[1], p.shape[2]) for p in patches]
+        x = self.ln_pre(torch.cat([p.flatten(1).T for p in patches]))                  # [N, C]
+        head_dim = self.args.hidden_size // self.args.num_attention_heads
+        cos, sin = rope_2d(grids, head_dim, self.args.rope_theta, x.device)
+        mask = block_diagonal_mask([h * w for h, w in grids], x.device)
+        return self.transformer(x[None], cos, sin, mask)[0], grids
+
+
+def merge_patches(x: torch.Tensor, h: int, w: int, m: int) -> torch.Tensor:
+    """The patches [h*w, C] of one image -> [(h/m) * (w/m), C*m*m]: one row per m x m square, squares
+    row-major. Within a square the features are channel-major, index c*m*m + i*m + j for the patch at
+    (i, j) of the square: the order of torch's unfold, which the merging layer was trained on."""
+    C = x.shape[-1]
+    x = x.view(h // m, m, w // m, m, C)                                   # [square row, i, square col, j, C]
+    return x.permute(0, 2, 4, 1, 3).reshape(h // m * (w // m), C * m * m)
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, dim: int, merge: int):
+        super().__init__()
+        self.merge = merge
+        self.merging_layer = nn.Linear(dim * merge ** 2, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        # x [N, C] with each image's patch grid (h, w) -> [N / m^2, C]
+        parts = x.split([h * w for h, w in grids])
+        merged = [merge_patches(part, h, w, self.merge) for part, (h, w) in zip(parts, grids)]
+        return self.merging_layer(torch.cat(merged))
+
+
+class VisionLanguageAdapter(nn.Module):
+    """From the tower's width C to the text width D: w_out(gelu(w_in x)), the exact (erf) GELU."""
+
+    def __init__(self, dim: int, text_dim: int, bias: bool):
+        super().__init__()
+        self.w_in = nn.Linear(dim, text_dim, bias=bias)
+        self.w_out = nn.Linear(text_dim, text_dim, bias=bias)
+
+    def forward(self, x):
+        return self.w_out(F.gelu(self.w_in(x)))

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import model as model_module
-from checkpoints import (REAL_PARAMS, TINY_PARAMS, hf_text_model, native_to_hf_text, real_text_shapes,
+from checkpoints import (REAL_TEXT_PARAMS, TINY_PARAMS, hf_text_model, native_to_hf_text, real_text_shapes,
                          write_native)
 from model import ModelArgs, Transformer, load_model
 
@@ -143,7 +143,7 @@ def test_bfloat16_load(native):
 
 
 def test_real_configuration_on_meta_device():
-    args = ModelArgs.from_params(REAL_PARAMS)
+    args = ModelArgs.from_params(REAL_TEXT_PARAMS)
     with torch.device("meta"):
         m = Transformer(args)
     assert sum(p.numel() for p in m.parameters()) == 23_572_403_200
