@@ -1,0 +1,316 @@
+"""The sampler, the dump and compare tools, the hub download; the command line end to end."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import generate
+from generate import Sampling, compare, filter_probs, sample
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_greedy_at_temperature_zero():
+    logits = torch.tensor([[0.1, 3.0, 2.9, -1.0], [5.0, 0.0, 0.0, 4.0]])
+    assert sample(logits, Sampling(temperature=0.0)).tolist() == [1, 0]
+
+
+def test_top_k_keeps_exactly_the_k_most_likely():
+    probs = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]])
+    kept = filter_probs(probs, top_k=2)
+    assert kept.nonzero()[:, 1].tolist() == [1, 3]
+    assert torch.equal(kept[0, [1, 3]], probs[0, [1, 3]])
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.1, 0.42, 0.05, 0.31, 0.12]])
+    # sorted: 0.42, 0.31, 0.12, 0.10, 0.05; mass before each: 0, .42, .73, .85, .95
+    assert filter_probs(probs, top_p=0.5).nonzero()[:, 1].tolist() == [1, 3]
+    assert filter_probs(probs, top_p=0.8).nonzero()[:, 1].tolist() == [1, 3, 4]
+    assert filter_probs(probs, top_p=0.01).nonzero()[:, 1].tolist() == [1]
+    assert filter_probs(probs, top_p=1.0).nonzero()[:, 1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_top_p_applies_to_the_top_k_renormalized():
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    # top-2 renormalized: 0.571, 0.429; top_p 0.5 then keeps only the first
+    assert filter_probs(probs, top_p=0.5, top_k=2).nonzero()[:, 1].tolist() == [0]
+    assert filter_probs(probs, top_p=0.65, top_k=3).nonzero()[:, 1].tolist() == [0, 1]
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    ids = sample(logits, Sampling(temperature=1.0, top_p=0.7), g)
+    freq = torch.bincount(ids, minlength=4) / len(ids)
+    assert freq[2:].sum() == 0
+    assert abs(freq[0].item() - 0.5 / 0.8) < 0.02
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
+    s = Sampling(temperature=0.7, top_p=0.95, top_k=50)
+    draw = lambda seed: sample(logits, s, torch.Generator().manual_seed(seed)).tolist()   # noqa: E731
+    assert draw(7) == draw(7)
+    assert any(draw(7) != draw(seed) for seed in range(8, 12))
+
+
+def test_model_card_defaults():
+    assert generate.card_defaults("Mistral-Small-3.2-24B-Instruct-2506") == Sampling(0.15, 1.0)
+    assert generate.card_defaults("Magistral-Small-2506") == Sampling(0.7, 0.95, max_tokens=40960)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+class FakeTokenizer:
+    pieces = {5: "é".encode()[:1], 6: "é".encode()[1:], 7: b" ok", 2: b""}
+
+    def is_special(self, i):
+        return i == 2
+
+    def token_bytes(self, i):
+        return self.pieces[i]
+
+
+def test_stream_prints_a_split_utf8_character_once_complete():
+    out = []
+    stream = generate.TextStream(FakeTokenizer(), write=out.append)
+    for t in (5, 6, 7, 2):
+        stream(t)
+    stream.flush()
+    assert out[0] == "" and "".join(out) == "é ok"
+
+
+def test_reasoning_split(capsys):
+    split = generate.ReasoningSplit()
+    for piece in ("<th", "ink>\nlet me ", "think</thi", "nk>\nThe answer."):
+        split(piece)
+    captured = capsys.readouterr()
+    assert captured.err == "\nlet me think"
+    assert captured.out == "\nThe answer."
+
+
+# ----------------------------------------------------------------------------- dumps and compare
+
+def fake_dump(path, logits, prompt=(1, 3, 5), generated=(7, 2)):
+    save_file({"prompt_ids": torch.tensor(prompt), "generated_ids": torch.tensor(generated), "logits": logits},
+              str(path))
+
+
+def test_compare_equal_dumps_reports_zero(tmp_path):
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    fake_dump(tmp_path / "a.safetensors", logits)
+    fake_dump(tmp_path / "b.safetensors", logits.clone())
+    c = compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert (c.positions, c.max_abs_diff, c.max_kl, c.top1_agreement) == (4, 0.0, 0.0, 1.0)
+    assert c.first_argmax_diff is None and c.first_token_diff is None
+
+
+def test_compare_finds_the_first_differing_position(tmp_path, capsys):
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    perturbed = logits.clone()
+    perturbed[2, logits[2].argmin()] = 100.0       # a new argmax at position 2
+    perturbed[3] += 1e-3 * torch.randn(50)
+    fake_dump(tmp_path / "a.safetensors", logits)
+    fake_dump(tmp_path / "b.safetensors", perturbed)
+    assert generate.main(["compare", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) == 1
+    out = capsys.readouterr().out
+    assert "first argmax diff   position 2" in out and "top-1 agreement     0.750000" in out
+    c = compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert c.max_abs_diff > 50 and c.max_kl > 1
+
+
+def test_compare_stops_where_the_tokens_differ(tmp_path):
+    logits = torch.randn(4, 50)
+    fake_dump(tmp_path / "a.safetensors", logits, generated=(7, 2))
+    fake_dump(tmp_path / "b.safetensors", logits, generated=(8, 2))
+    c = compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert c.first_token_diff == 3 and c.positions == 3
+
+
+# ----------------------------------------------------------------------------- the hub
+
+def test_hub_download_asks_for_exactly_the_needed_files(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns, kw))
+        return str(tmp_path)
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert generate.resolve_model("mistralai/Mistral-Small-3.2-24B-Instruct-2506") == tmp_path
+    assert calls == [("mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+                      ["params.json", "consolidated*.safetensors", "tekken.json", "SYSTEM_PROMPT.txt"], {})]
+
+
+def test_unreachable_hub_says_how_to_get_the_files(monkeypatch, capsys):
+    def offline(*a, **kw):
+        raise OSError("network unreachable")
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert generate.main(["--model", "mistralai/Nope-1", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "could not get the files from the Hugging Face hub" in err and "--local-dir" in err
+
+
+def test_missing_local_folder(capsys):
+    assert generate.main(["--model", "./no/such/folder", "hi"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the command line, end to end
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from checkpoints import TINY_VISION_PARAMS, hf_mistral3_model, write_native  # noqa: E402
+from tekken_files import write_tekken  # noqa: E402
+
+PARAMS = {**TINY_VISION_PARAMS, "vocab_size": 131072, "max_position_embeddings": 600}
+SYSTEM = "You are {name}, a helpful assistant. Today is {today}."
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A model folder laid out like the official repository, with a tiny random model."""
+    folder = tmp_path_factory.mktemp("Mistral-Small-3.2-24B-Instruct-2506")
+    weights = write_native(folder, PARAMS, seed=3)
+    write_tekken(folder, "v11")
+    (folder / "SYSTEM_PROMPT.txt").write_text(SYSTEM)
+    image = folder / "photo.png"
+    noise = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(image)
+    return folder, weights, image
+
+
+@pytest.fixture(scope="module")
+def oracle(repo):
+    return hf_mistral3_model(repo[1], PARAMS)
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer(repo):
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    return MistralTokenizer.from_file(str(repo[0] / "tekken.json"))
+
+
+def official_prompt(mistral_tokenizer, messages, tools=None):
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    return mistral_tokenizer.encode_chat_completion(ChatCompletionRequest.from_openai(messages, tools))
+
+
+def test_cli_greedy_equals_transformers_generate(repo, oracle, mistral_tokenizer, tmp_path, capsys):
+    folder, _, image = repo
+    dump = tmp_path / "dump.safetensors"
+    assert generate.main(["--model", str(folder), "--image", str(image), "--temperature", "0", "--dtype",
+                          "float32", "--max-tokens", "16", "--dump", str(dump), "What is in this image?"]) == 0
+    printed = capsys.readouterr()
+    got = load_file(str(dump))
+
+    # the prompt: mistral-common's ids and pixels for the same conversation
+    system = SYSTEM.replace("{name}", folder.name).replace("{today}", str(__import__("datetime").date.today()))
+    ref = official_prompt(mistral_tokenizer, [
+        {"role": "system", "content": system},
+        {"role": "user", "content": [{"type": "text", "text": "What is in this image?"},
+                                     {"type": "image_url", "image_url": {"url": image.as_uri()}}]}])
+    assert got["prompt_ids"].tolist() == ref.tokens
+
+    # transformers' greedy generate from the same ids and pixels
+    pixels = torch.from_numpy(ref.images[0])[None]
+    with torch.no_grad():
+        expected = oracle.generate(torch.tensor([ref.tokens]), pixel_values=pixels,
+                                   image_sizes=torch.tensor([pixels.shape[2:]]), max_new_tokens=16,
+                                   do_sample=False, eos_token_id=2, pad_token_id=11)[0, len(ref.tokens):]
+        full = torch.cat([got["prompt_ids"], got["generated_ids"][:-1]])[None]
+        ref_logits = oracle(full, pixel_values=pixels, image_sizes=torch.tensor([pixels.shape[2:]])).logits[0]
+    assert got["generated_ids"].tolist() == expected.tolist()
+    assert len(expected) == 16
+    diff = (got["logits"] - ref_logits).abs().max().item()
+    print(f"greedy: {len(expected)} tokens equal; dump logits vs transformers: max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+    assert "prompt tokens" in printed.err and "decode" in printed.err
+
+
+def test_messages_and_tools_give_mistral_common_ids(repo, mistral_tokenizer, tmp_path):
+    folder = repo[0]
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Météo d'une ville",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "abcDEF123", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "abcDEF123", "content": "{\"temp\": 21}"},
+        {"role": "assistant", "content": "It is 21C."},
+        {"role": "user", "content": "And Zürich?"},
+    ]
+    (tmp_path / "m.json").write_text(json.dumps(messages))
+    (tmp_path / "t.json").write_text(json.dumps(tools))
+    dump = tmp_path / "d.safetensors"
+    assert generate.main(["--model", str(folder), "--messages", str(tmp_path / "m.json"), "--tools",
+                          str(tmp_path / "t.json"), "--max-tokens", "2", "--seed", "0", "--dtype", "float32",
+                          "--dump", str(dump)]) == 0
+    assert load_file(str(dump))["prompt_ids"].tolist() == official_prompt(mistral_tokenizer, messages, tools).tokens
+
+
+def test_seeded_cli_runs_are_reproducible(repo, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.safetensors"
+        assert generate.main(["--model", str(repo[0]), "--temperature", "1.0", "--seed", "5", "--max-tokens", "8",
+                              "--dtype", "float32", "--dump", str(path), "Hello"]) == 0
+        runs.append(load_file(str(path))["generated_ids"].tolist())
+    assert runs[0] == runs[1]
+    assert compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors").max_abs_diff == 0.0
+
+
+def test_dump_hidden_holds_each_block_and_the_vision_features(repo, tmp_path):
+    dump = tmp_path / "h.safetensors"
+    assert generate.main(["--model", str(repo[0]), "--image", str(repo[2]), "--temperature", "0", "--max-tokens",
+                          "3", "--dtype", "float32", "--dump", str(dump), "--dump-hidden", "Hi"]) == 0
+    got = load_file(str(dump))
+    rows = len(got["prompt_ids"]) + len(got["generated_ids"]) - 1
+    for i in range(PARAMS["n_layers"]):
+        assert got[f"hidden.{i}"].shape == (rows, PARAMS["dim"])
+    n_image_tokens = int((got["prompt_ids"] == 10).sum())
+    assert got["vision_features"].shape == (n_image_tokens, PARAMS["dim"])
+
+
+def test_prompt_longer_than_the_context_fails_before_any_compute(repo, monkeypatch, capsys):
+    monkeypatch.setattr(generate, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert generate.main(["--model", str(repo[0]), "word " * 700]) == 2
+    assert "more than the model's context of 600 tokens" in capsys.readouterr().err
+
+
+def test_interrupt_stops_cleanly_with_the_text_so_far(repo):
+    from model import load_model
+    model = load_model(repo[0])
+    seen = []
+
+    def on_token(token):
+        seen.append(token)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+    out, stats = generate.generate(model, [1, 3, 1000, 4], [], 10, Sampling(0.0), {2}, on_token=on_token)
+    assert out == seen and len(out) == 3 and stats.generated_tokens == 3
+
+
+def test_interactive_keeps_the_conversation(repo, monkeypatch, capsys):
+    lines = iter(["Hello", f"/image {repo[2]}", "And this?"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr("builtins.input", fake_input)
+    prompts = []
+    real = generate.generate
+    monkeypatch.setattr(generate, "generate", lambda model, ids, *a, **k: prompts.append(ids) or real(model, ids, *a, **k))
+    assert generate.main(["--model", str(repo[0]), "-i", "--max-tokens", "3", "--dtype", "float32",
+                          "--temperature", "0"]) == 0
+    assert len(prompts) == 2
+    assert prompts[1][:len(prompts[0])] == prompts[0]      # the second turn extends the first
+    assert 10 in prompts[1] and 10 not in prompts[0]       # the image went with the second message
