@@ -298,7 +298,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def print_stats(stats: Stats, device: torch.device):
     decode_tokens = max(stats.generated_tokens - 1, 0)
-    print(f"\n[{stats.prompt_tokens} prompt tokens, time to first token {stats.prefill_s:.2f} s, "
+    print(f"[{stats.prompt_tokens} prompt tokens, time to first token {stats.prefill_s:.2f} s, "
           f"prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.1f} tok/s, "
           f"decode {decode_tokens / max(stats.decode_s, 1e-9):.1f} tok/s ({stats.generated_tokens} tokens), "
           f"peak memory {peak_memory_gb(device):.2f} GB]", file=sys.stderr)
@@ -409,9 +409,10 @@ class Session:
         out, stats = generate(self.model, ids, images, max_tokens, self.sampling, {self.tokenizer.eos_id},
                               on_token=stream, seed=self.args.seed, recorder=recorder)
         stream.flush()
+        print(flush=True)
         parsed = parse_output(self.tokenizer, out)
         if parsed.tool_calls:
-            print("\n" + json.dumps([vars(c) for c in parsed.tool_calls], ensure_ascii=False, indent=2))
+            print(json.dumps([vars(c) for c in parsed.tool_calls], ensure_ascii=False, indent=2))
         print_stats(stats, self.device)
         if recorder is not None:
             features = self.model.image_features(images) if images and self.args.dump_hidden else None
