@@ -10,6 +10,7 @@ through the KV cache until </s> or the token limit, streaming the text as it com
 """
 import argparse
 import codecs
+import functools
 import json
 import re
 import sys
@@ -103,23 +104,42 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def decode_step(model, token: torch.Tensor, pos: torch.Tensor, hidden: list | None = None) -> torch.Tensor:
+    """One generated token [B, 1] at position pos [1] -> float32 logits [B, 1, V]. The token is embedded
+    as it is, unchecked (the image check of model.embed reads the tokens on the host), so the step has
+    the same shapes every time and never waits for the host: what a CUDA graph needs."""
+    return model.forward_embeddings(model.tok_embeddings(token), pos, hidden)
+
+
+@functools.cache
+def compiled_decode_step():
+    """decode_step compiled whole; "reduce-overhead" replays it as one CUDA graph on a GPU."""
+    return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+
+
 @torch.inference_mode()
 def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: Sampling, stop_ids: set,
-             on_token=None, seed: int | None = None, recorder: Recorder | None = None) -> tuple[list[int], Stats]:
+             on_token=None, seed: int | None = None, recorder: Recorder | None = None,
+             compile: bool = False) -> tuple[list[int], Stats]:
     """Prefill `prompt` (with its images), then sample up to `max_tokens` tokens, one per step through
     the KV cache. on_token(id) is called as each token is chosen. Returns (generated ids, stats).
+    compile: run the decoding steps through torch.compile (the first call compiles them); a recorder
+    keeps the eager steps, so that dumps hold the logits of the code as written.
     A KeyboardInterrupt stops the loop and returns what was generated so far."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens is {max_tokens}: expected at least 1")
     device = model.output.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    step = compiled_decode_step() if compile and recorder is None else decode_step
     stats, out = Stats(prompt_tokens=len(prompt)), []
     model.setup_cache(1, len(prompt) + max_tokens)
-    tokens, pos = torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)
+    pos = torch.arange(len(prompt), device=device)
+    hidden = [] if recorder is not None and recorder.hidden is not None else None
     start = time.perf_counter()
     try:
-        while len(out) < max_tokens:
-            hidden = [] if recorder is not None and recorder.hidden is not None else None
-            kwargs = {"images": images} if images else {}
-            logits = model(tokens, input_pos=pos, hidden=hidden, **kwargs)           # [1, S, V]
+        logits = model(torch.tensor([prompt], device=device), input_pos=pos, hidden=hidden,
+                       images=images or None, last_only=recorder is None)            # [1, S or 1, V]
+        while True:
             if recorder is not None:
                 recorder.add(logits, hidden)
             next_id = sample(logits[:, -1], sampling, generator)                    # [1]
@@ -130,9 +150,11 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
             out.append(token)
             if on_token is not None:
                 on_token(token)
-            if token in stop_ids:
+            if token in stop_ids or len(out) == max_tokens:
                 break
-            tokens, pos, images = next_id[:, None], pos[-1:] + 1, None
+            pos = pos[-1:] + 1
+            hidden = [] if hidden is not None else None
+            logits = step(model, next_id[:, None], pos, hidden)                     # [1, 1, V]
     except KeyboardInterrupt:
         pass
     _sync(device)
@@ -324,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--compile", action="store_true", help="compile the decoding step with torch.compile (one "
+                                                          "CUDA graph on a GPU): faster decoding after a slow "
+                                                          "first answer")
     p.add_argument("--dump", help="write prompt ids, generated ids and float32 logits to this .safetensors")
     p.add_argument("--dump-hidden", action="store_true", help="with --dump: also each block's hidden state "
                                                               "and the vision features")
@@ -407,7 +432,7 @@ class Session:
         stream = TextStream(self.tokenizer, write=ReasoningSplit() if self.reasoning else None)
         recorder = Recorder(self.args.dump_hidden) if self.args.dump else None
         out, stats = generate(self.model, ids, images, max_tokens, self.sampling, {self.tokenizer.eos_id},
-                              on_token=stream, seed=self.args.seed, recorder=recorder)
+                              on_token=stream, seed=self.args.seed, recorder=recorder, compile=self.args.compile)
         stream.flush()
         print(flush=True)
         parsed = parse_output(self.tokenizer, out)

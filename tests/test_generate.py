@@ -314,3 +314,31 @@ def test_interactive_keeps_the_conversation(repo, monkeypatch, capsys):
     assert len(prompts) == 2
     assert prompts[1][:len(prompts[0])] == prompts[0]      # the second turn extends the first
     assert 10 in prompts[1] and 10 not in prompts[0]       # the image went with the second message
+
+
+# ----------------------------------------------------------------------------- the decoding step
+
+def test_generate_equals_greedy_over_full_forwards(repo):
+    """The loop (last-position logits at prefill, the cache, decode_step) against plain full forwards;
+    twice, the second run on the same cache buffers."""
+    from model import load_model
+    model = load_model(repo[0])
+    prompt = [1, 3, 1000, 1001, 1002, 4]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    for _ in range(2):
+        out, _ = generate.generate(model, prompt, [], 6, Sampling(0.0), set())
+        assert out == seq[len(prompt):]
+
+
+def test_the_decoding_step_is_one_graph(repo):
+    """--compile needs decode_step whole, with no host read: no graph break. A generated [IMG] token
+    (10) is embedded as it is."""
+    from model import load_model
+    model = load_model(repo[0])
+    model.setup_cache(1, 8)
+    step = torch._dynamo.explain(generate.decode_step)
+    explained = step(model, torch.tensor([[10]]), torch.tensor([3]))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0

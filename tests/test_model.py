@@ -249,3 +249,11 @@ def test_input_pos_without_cache(native):
     m = load_model(native[0])
     with pytest.raises(ValueError, match="setup_cache"):
         m(tokens(1, 3), input_pos=torch.arange(3))
+
+
+@torch.no_grad()
+def test_last_only_logits_are_the_last_position(ours):
+    toks = tokens(2, 12)
+    last = ours(toks, last_only=True)
+    assert last.shape == (2, 1, TINY_PARAMS["vocab_size"])
+    assert max_diff(last, ours(toks)[:, -1:]) <= 1e-5
