@@ -55,7 +55,7 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_model_card_defaults():
-    assert generate.card_defaults("Mistral-Small-3.2-24B-Instruct-2506") == Sampling(0.15, 1.0)
+    assert generate.card_defaults("Mistral-Small-3.2-24B-Instruct-2506") == Sampling(0.15, 1.0, max_tokens=4096)
     assert generate.card_defaults("Magistral-Small-2506") == Sampling(0.7, 0.95, max_tokens=40960)
 
 
