@@ -417,8 +417,7 @@ class Session:
                                  max_tokens=args.max_tokens or s.max_tokens)
         self.reasoning = "magistral" in self.name.lower()
         self.device = pick_device(args.device)
-        self.load = lambda: load_model(self.folder, device=self.device, dtype=DTYPES[args.dtype])
-        self.model = None
+        self.model = None   # loaded with the first answer, once the prompt is known to fit
 
     def answer(self, messages: list[dict], tools: list | None):
         """Stream the model's answer to the conversation; return it parsed (chat.AssistantOutput)."""
@@ -429,7 +428,7 @@ class Session:
                              f"context of {self.context} tokens")
         max_tokens = min(self.sampling.max_tokens or room, room)
         if self.model is None:
-            self.model = self.load()
+            self.model = load_model(self.folder, device=self.device, dtype=DTYPES[self.args.dtype])
         images = [im.to(self.device, self.model.output.weight.dtype) for im in images]
         stream = TextStream(self.tokenizer, write=ReasoningSplit() if self.reasoning else None)
         recorder = Recorder(self.args.dump_hidden) if self.args.dump else None
