@@ -106,11 +106,13 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def decode_step(model, token: torch.Tensor, pos: torch.Tensor, hidden: list | None = None) -> torch.Tensor:
+def decode_step(model, token: torch.Tensor, pos: torch.Tensor, hidden: list | None = None,
+                length: int | None = None) -> torch.Tensor:
     """One generated token [B, 1] at position pos [1] -> float32 logits [B, 1, V]. The token is embedded
-    as it is, unchecked (the image check of model.embed reads the tokens on the host), so the step has
-    the same shapes every time and never waits for the host: what a CUDA graph needs."""
-    return model.forward_embeddings(model.tok_embeddings(token), pos, hidden)
+    as it is, unchecked (the image check of model.embed reads the tokens on the host), so the step never
+    waits for the host. length: the cache positions attention reads (pos + 1, known on the host);
+    None reads the whole cache, masked, so that every step has the same shapes: what a CUDA graph needs."""
+    return model.forward_embeddings(model.tok_embeddings(token), pos, hidden, length=length)
 
 
 @functools.cache
@@ -132,7 +134,8 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
         raise ValueError(f"max_tokens is {max_tokens}: expected at least 1")
     device = model.output.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    step = compiled_decode_step() if compile and recorder is None else decode_step
+    compiled = compile and recorder is None
+    step = compiled_decode_step() if compiled else decode_step
     stats, out = Stats(prompt_tokens=len(prompt)), []
     model.setup_cache(1, len(prompt) + max_tokens)
     pos = torch.arange(len(prompt), device=device)
@@ -156,7 +159,9 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
                 break
             pos = pos[-1:] + 1
             hidden = [] if hidden is not None else None
-            logits = step(model, next_id[:, None], pos, hidden)                     # [1, 1, V]
+            # Eager steps read the cache up to the new token; a compiled one all of it (fixed shapes).
+            length = None if compiled else len(prompt) + len(out)
+            logits = step(model, next_id[:, None], pos, hidden, length)             # [1, 1, V]
     except KeyboardInterrupt:
         pass
     _sync(device)

@@ -142,9 +142,10 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, causal: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.causal = causal   # the text model; the vision tower's patches all see each other
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
@@ -152,7 +153,9 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, pos=None):
-        # x [B, S, D]; cos, sin [S, Dh/2]; mask: bool [S, T] (True = attend) or None for causal over x
+        # x [B, S, D]; cos, sin [S, Dh/2]; mask [S, L] (bool, True = attend; or float, added to the scores)
+        # over the first L cache positions (over x's own keys without a cache), or None: causal (or, if not
+        # self.causal, full) attention over x alone
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
@@ -162,9 +165,10 @@ class Attention(nn.Module):
         if self.cache is not None and pos is not None:
             cached_k, cached_v = self.cache.update(pos, k, v)   # [B, K, T, Dh]
             if mask is not None:                                # else a first chunk: no past to read
-                k, v = cached_k, cached_v
+                L = mask.shape[-1]                              # the cache positions the mask covers
+                k, v = cached_k[:, :, :L], cached_v[:, :, :L]
         # enable_gqa: kv head j serves query heads j*H/K .. (j+1)*H/K - 1, without copying k and v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
@@ -185,9 +189,9 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block, shared by the text model and the vision tower."""
 
-    def __init__(self, dim, n_heads, n_kv_heads, head_dim, hidden_dim, norm_eps):
+    def __init__(self, dim, n_heads, n_kv_heads, head_dim, hidden_dim, norm_eps, causal=True):
         super().__init__()
-        self.attention = Attention(dim, n_heads, n_kv_heads, head_dim)
+        self.attention = Attention(dim, n_heads, n_kv_heads, head_dim, causal)
         self.feed_forward = FeedForward(dim, hidden_dim)
         self.attention_norm = RMSNorm(dim, norm_eps)
         self.ffn_norm = RMSNorm(dim, norm_eps)
@@ -283,12 +287,16 @@ class Transformer(nn.Module):
         last_only: the logits of the last position only, [B, 1, V]: all that generating needs (the
         output head over every position would be most of a prefill's work for a small model).
         """
-        return self.forward_embeddings(self.embed(tokens, images), input_pos, hidden, last_only)
+        length = None if input_pos is None else int(input_pos.max()) + 1
+        return self.forward_embeddings(self.embed(tokens, images), input_pos, hidden, last_only, length)
 
     def forward_embeddings(self, h: torch.Tensor, input_pos: torch.Tensor | None = None, hidden: list | None = None,
-                           last_only: bool = False) -> torch.Tensor:
+                           last_only: bool = False, length: int | None = None) -> torch.Tensor:
         """forward() from the embeddings h [B, S, D] on. A decoding step enters here with
-        tok_embeddings(token): its shapes never change and it needs nothing from the host."""
+        tok_embeddings(token): it needs nothing from the host.
+        length: attention reads the first `length` cache positions (at least max(input_pos) + 1);
+        None reads the whole cache, masked: more reading, but the same shapes at every step, which
+        a compiled step needs."""
         S = h.shape[1]
         if input_pos is None:
             cos, sin = rope_table(torch.arange(S, device=h.device), self.args.head_dim, self.args.rope_theta)
@@ -297,7 +305,7 @@ class Transformer(nn.Module):
             raise ValueError("input_pos given but no cache: call model.setup_cache(batch, max_seq_len) first")
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]             # [S, Dh/2]
-            mask = self.cache_pos <= input_pos[:, None]                               # [S, T]
+            mask = self.cache_pos[:length] <= input_pos[:, None]                      # [S, L]
             if S > 1 and int(input_pos[0]) == 0:
                 # A first chunk (positions 0..S-1) has no past: causal attention over its own keys is
                 # the same and lets attention skip the masked half. (One host read per prefill; a
@@ -482,15 +490,23 @@ def _mapped_tensor(path: Path, key: str) -> torch.Tensor:
 
 def _place(t: torch.Tensor, name: str, layout: str, args: ModelArgs, dtype, device) -> torch.Tensor:
     """A tensor as the model holds it: native row order, on device, in dtype. Tensors used as stored
-    (same dtype, on the CPU) stay mapped: never copied."""
+    (same dtype, on the CPU, row-major) stay mapped: never copied."""
     if layout == "hf" and name.endswith(("attention.wq.weight", "attention.wk.weight")):
         t = unpermute_rotary(t, _rotary_heads(name, args))
     t = t.to(device=device, dtype=dtype or t.dtype)
-    if name == "output.weight" and t.device.type == "cpu" and t.dtype == torch.float32:
-        # The same [V, D] matrix stored column-major: for one token, a float32 matrix-vector product
-        # over the 131072 rows of the head runs 1.3x (D 1024) to 3x (D 128) faster this way on the CPU.
-        t = t.t().contiguous().t()
+    if _column_major(name, t.shape, t.dtype, t.device):
+        t = t.t().contiguous().t()   # the same [out, in] matrix, its columns contiguous
     return t
+
+
+def _column_major(name: str, shape: torch.Size, dtype, device: torch.device) -> bool:
+    """Whether to hold a weight column-major. Decoding multiplies each [out, in] matrix by one vector;
+    on the CPU in float32 that reads a tall matrix (out > in: wq, w1, w3, the output head) 15-20 %
+    faster column-major (3x for the head of a narrow model), a wide one faster row-major, and a
+    bfloat16 one 20x slower column-major. Prefill's matrix products run as fast either way. The
+    embedding table is read a row per token: it stays row-major."""
+    return (device.type == "cpu" and dtype == torch.float32 and len(shape) == 2 and shape[0] > shape[1]
+            and name != "tok_embeddings.weight")
 
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Transformer:

@@ -215,24 +215,27 @@ def rope_2d(grids: list[tuple[int, int]], head_dim: int, theta: float, device) -
     return angles.cos(), angles.sin()
 
 
-def block_diagonal_mask(sizes: list[int], device) -> torch.Tensor:
-    """[N, N] bool, True = attend: a patch sees every patch of its own image (no causal order) and none
-    of the other images."""
+def block_diagonal_mask(sizes: list[int], dtype, device) -> torch.Tensor:
+    """[N, N] added to the attention scores: 0 where a patch sees a patch of its own image (all of them,
+    no causal order), -inf for the other images. Float, made once: attention would turn a bool mask
+    into this at every layer."""
     image = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-    return image[:, None] == image[None, :]
+    mask = torch.zeros(len(image), len(image), dtype=dtype, device=device)
+    return mask.masked_fill_(image[:, None] != image[None, :], float("-inf"))
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, args: VisionArgs):
         super().__init__()
         heads = args.num_attention_heads
-        # The text model's block: no GQA here, and the norms use eps 1e-5.
+        # The text model's block: no GQA here, no causal order, and the norms use eps 1e-5.
         self.layers = nn.ModuleList(
-            TransformerBlock(args.hidden_size, heads, heads, args.hidden_size // heads, args.intermediate_size, 1e-5)
+            TransformerBlock(args.hidden_size, heads, heads, args.hidden_size // heads, args.intermediate_size, 1e-5,
+                             causal=False)
             for _ in range(args.num_hidden_layers))
 
     def forward(self, x, cos, sin, mask):
-        # x [1, N, C]; cos, sin [N, Dh/2]; mask [N, N]
+        # x [1, N, C]; cos, sin [N, Dh/2]; mask [N, N] or None (every patch sees every patch)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return x
@@ -282,7 +285,8 @@ class VisionEncoder(nn.Module):
         x = self.ln_pre(torch.cat([p.flatten(1).T for p in patches]))                  # [N, C]
         head_dim = self.args.hidden_size // self.args.num_attention_heads
         cos, sin = rope_2d(grids, head_dim, self.args.rope_theta, x.device)
-        mask = block_diagonal_mask([h * w for h, w in grids], x.device)
+        # One image needs no mask, and attention without one can take its fastest kernel.
+        mask = block_diagonal_mask([h * w for h, w in grids], x.dtype, x.device) if len(grids) > 1 else None
         return self.transformer(x[None], cos, sin, mask)[0], grids
 
 

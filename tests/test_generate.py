@@ -342,3 +342,21 @@ def test_the_decoding_step_is_one_graph(repo):
     step = torch._dynamo.explain(generate.decode_step)
     explained = step(model, torch.tensor([[10]]), torch.tensor([3]))
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+@torch.no_grad()
+def test_decoding_reads_the_cache_up_to_the_new_token(repo):
+    """An eager step reads the cache up to its own position (length = pos + 1), a compiled one the whole
+    cache, masked: the same logits. Negative control: one position short misses the token's own key."""
+    from model import load_model
+    model = load_model(repo[0])
+    model.setup_cache(1, 40)
+    model(torch.tensor([[1, 3, 1000, 1001, 1002, 4]]), input_pos=torch.arange(6))
+    token, pos = torch.tensor([[1003]]), torch.tensor([6])
+    whole = generate.decode_step(model, token, pos)
+    read_to_token = generate.decode_step(model, token, pos, length=7)
+    one_short = generate.decode_step(model, token, pos, length=6)
+    diff = (read_to_token - whole).abs().max().item()
+    control = (one_short - whole).abs().max().item()
+    print(f"length 7 vs whole cache: {diff:.2e}; length 6: {control:.2e}")
+    assert diff <= 1e-5 and control > 1e-2      # (summation order differs with the length)

@@ -167,8 +167,8 @@ def test_bfloat16_load(native):
 
 # ----------------------------------------------------------------------------- negative controls
 
-def _full_attention(sizes, device):
-    return torch.ones(sum(sizes), sum(sizes), dtype=torch.bool, device=device)
+def _full_attention(sizes, dtype, device):
+    return torch.zeros(sum(sizes), sum(sizes), dtype=dtype, device=device)
 
 
 def _row_major_merge(x, h, w, m):
@@ -205,6 +205,15 @@ def test_negative_control(ours, theirs, monkeypatch, name):
     BREAKAGES[name](ours, monkeypatch)
     diff = compare(ours, theirs, TWO_IMAGES)
     print(f"{name}: max abs diff {diff:.2e}")
+    assert diff > 100 * TOL
+
+
+def test_negative_control_causal_tower(ours, theirs, monkeypatch):
+    """One image runs the tower without a mask: its attention must still be full, not causal."""
+    for layer in ours.vision_encoder.transformer.layers:
+        monkeypatch.setattr(layer.attention, "causal", True)
+    diff = compare(ours, theirs, CASES["one non-square image"])
+    print(f"causal attention in the tower, one image: max abs diff {diff:.2e}")
     assert diff > 100 * TOL
 
 
