@@ -153,9 +153,8 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, pos=None):
-        # x [B, S, D]; cos, sin [S, Dh/2]; mask [S, L] (bool, True = attend; or float, added to the scores)
-        # over the first L cache positions (over x's own keys without a cache), or None: causal (or, if not
-        # self.causal, full) attention over x alone
+        # x [B, S, D]; cos, sin [S, Dh/2]; mask: bool [S, L] (True = attend) over the first L cache positions,
+        # or None: causal (or, if not self.causal, full) attention over x alone
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)

@@ -194,34 +194,22 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
 
 # ---- the encoder -----------------------------------------------------------------------------
 #
-# Pixels [3, H, W] -> 14 x 14 patches -> a Pixtral-style transformer over the patches of all images at
-# once (2-D RoPE; a patch sees only the patches of its own image) -> RMSNorm -> each 2 x 2 square of
-# patches merged into one image token -> a GELU MLP into the text model's width. Shapes use
+# Pixels [3, H, W] -> 14 x 14 patches -> a Pixtral-style transformer over the patches of each image
+# (2-D RoPE; a patch sees every patch of its own image, none of the others) -> RMSNorm -> each
+# 2 x 2 square of patches merged into one image token -> a GELU MLP into the text model's width. Shapes use
 #     N patches of all images, C hidden_size, h x w patches of one image, m spatial_merge_size, D text dim.
 # For Small 3.x: C 1024, 24 blocks of 16 heads of 64, m 2, D 5120; one image token per 28 x 28 pixels.
 
 
-def rope_2d(grids: list[tuple[int, int]], head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [N, Dh/2] for the patches of every image, each image row-major. The patch at (row, col)
+def rope_2d(h: int, w: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [h*w, Dh/2] for the h x w patches of an image, row-major. The patch at (row, col)
     turns its first Dh/4 pairs by row angles and its last Dh/4 pairs by column angles; rows take the
     even-indexed frequencies of the 1-D RoPE and columns the odd ones."""
     freqs = rope_frequencies(head_dim, theta).to(device)                          # [Dh/2]
-    angles = []
-    for h, w in grids:
-        rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)   # [h*w]
-        cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)              # [h*w]
-        angles.append(torch.cat((rows[:, None] * freqs[0::2], cols[:, None] * freqs[1::2]), dim=-1))
-    angles = torch.cat(angles)                                                    # [N, Dh/2]
+    rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)   # [h*w]
+    cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)              # [h*w]
+    angles = torch.cat((rows[:, None] * freqs[0::2], cols[:, None] * freqs[1::2]), dim=-1)
     return angles.cos(), angles.sin()
-
-
-def block_diagonal_mask(sizes: list[int], dtype, device) -> torch.Tensor:
-    """[N, N] added to the attention scores: 0 where a patch sees a patch of its own image (all of them,
-    no causal order), -inf for the other images. Float, made once: attention would turn a bool mask
-    into this at every layer."""
-    image = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-    mask = torch.zeros(len(image), len(image), dtype=dtype, device=device)
-    return mask.masked_fill_(image[:, None] != image[None, :], float("-inf"))
 
 
 class VisionTransformer(nn.Module):
@@ -234,10 +222,10 @@ class VisionTransformer(nn.Module):
                              causal=False)
             for _ in range(args.num_hidden_layers))
 
-    def forward(self, x, cos, sin, mask):
-        # x [1, N, C]; cos, sin [N, Dh/2]; mask [N, N] or None (every patch sees every patch)
+    def forward(self, x, cos, sin):
+        # x [1, h*w, C]: the patches of one image, each seeing all the others; cos, sin [h*w, Dh/2]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin, None)
         return x
 
 
@@ -277,17 +265,24 @@ class VisionEncoder(nn.Module):
 
     def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Pixels [3, H, W] of each image -> the features [N, C] of all their patches, image after image,
-        each row-major; and each image's grid of patches (h, w)."""
+        each row-major; and each image's grid of patches (h, w).
+
+        A patch attends to the patches of its own image only (the official code runs all images as one
+        sequence under a block-diagonal mask), and every other step works patch by patch: so each image
+        goes through the tower on its own, the same result without an [N, N] mask."""
         self.token_grids(images)                                       # bad input: an error naming the image
         weight = self.patch_conv.weight
-        patches = [self.patch_conv(image.to(weight.device, weight.dtype)[None])[0] for image in images]  # [C, h, w]
-        grids = [(p.shape[1], p.shape[2]) for p in patches]
-        x = self.ln_pre(torch.cat([p.flatten(1).T for p in patches]))                  # [N, C]
         head_dim = self.args.hidden_size // self.args.num_attention_heads
-        cos, sin = rope_2d(grids, head_dim, self.args.rope_theta, x.device)
-        # One image needs no mask, and attention without one can take its fastest kernel.
-        mask = block_diagonal_mask([h * w for h, w in grids], x.dtype, x.device) if len(grids) > 1 else None
-        return self.transformer(x[None], cos, sin, mask)[0], grids
+        features, grids = [], []
+        for image in images:
+            patches = self.patch_conv(image.to(weight.device, weight.dtype)[None])[0]   # [C, h, w]
+            _, h, w = patches.shape
+            # contiguous: a transposed view would keep its strides through the norm into every product
+            x = self.ln_pre(patches.flatten(1).T.contiguous())                         # [h*w, C]
+            cos, sin = rope_2d(h, w, head_dim, self.args.rope_theta, x.device)
+            features.append(self.transformer(x[None], cos, sin)[0])
+            grids.append((h, w))
+        return torch.cat(features), grids
 
 
 def merge_patches(x: torch.Tensor, h: int, w: int, m: int) -> torch.Tensor:

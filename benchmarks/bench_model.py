@@ -111,7 +111,8 @@ def step_bandwidth(params: dict, repeats: int = 5) -> float:
     weights = []
     for name, shape in real_text_shapes(params).items():
         if len(shape) == 2 and name != "tok_embeddings.weight":
-            w = torch.randn(shape[::-1]).t() if _column_major(name, shape, torch.float32, device) else torch.randn(shape)
+            column_major = _column_major(name, shape, torch.float32, device)
+            w = torch.randn(shape[::-1]).t() if column_major else torch.randn(shape)
             weights.append((w, torch.randn(1, 1, shape[1])))
     best = min(_timed(lambda: [F.linear(x, w) for w, x in weights])[0] for _ in range(repeats))
     return sum(w.numel() * 4 for w, _ in weights) / best / 1e9

@@ -167,8 +167,19 @@ def test_bfloat16_load(native):
 
 # ----------------------------------------------------------------------------- negative controls
 
-def _full_attention(sizes, dtype, device):
-    return torch.zeros(sum(sizes), sum(sizes), dtype=dtype, device=device)
+def _images_see_each_other(ours, monkeypatch):
+    """All images through the tower as one sequence, unmasked: patches attend to the other images too."""
+    enc = ours.vision_encoder
+
+    def forward(images):
+        patches = [enc.patch_conv(image[None])[0] for image in images]
+        grids = [tuple(p.shape[1:]) for p in patches]
+        x = enc.ln_pre(torch.cat([p.flatten(1).T for p in patches]))
+        head_dim = enc.args.hidden_size // enc.args.num_attention_heads
+        tables = [vision.rope_2d(h, w, head_dim, enc.args.rope_theta, x.device) for h, w in grids]
+        cos, sin = (torch.cat(t) for t in zip(*tables))
+        return enc.transformer(x[None], cos, sin)[0], grids
+    monkeypatch.setattr(enc, "forward", forward)
 
 
 def _row_major_merge(x, h, w, m):
@@ -176,11 +187,11 @@ def _row_major_merge(x, h, w, m):
     return x.view(h // m, m, w // m, m, C).permute(0, 2, 1, 3, 4).reshape(h // m * (w // m), C * m * m)
 
 
-def _rope_2d_frequency_halves(grids, head_dim, theta, device):
+def _rope_2d_frequency_halves(h, w, head_dim, theta, device):
     """Rows on the first half of the frequencies, columns on the second (instead of alternating)."""
     freqs = model_module.rope_frequencies(head_dim, theta)
-    rows = torch.cat([torch.arange(h).repeat_interleave(w) for h, w in grids]).float()
-    cols = torch.cat([torch.arange(w).repeat(h) for h, w in grids]).float()
+    rows = torch.arange(h).repeat_interleave(w).float()
+    cols = torch.arange(w).repeat(h).float()
     half = freqs.shape[0] // 2
     angles = torch.cat((rows[:, None] * freqs[:half], cols[:, None] * freqs[half:]), dim=-1)
     return angles.cos(), angles.sin()
@@ -193,7 +204,7 @@ def _gelu_tower(ours, monkeypatch):
 
 
 BREAKAGES = {
-    "no block-diagonal mask": lambda ours, mp: mp.setattr(vision, "block_diagonal_mask", _full_attention),
+    "images attending to each other": _images_see_each_other,
     "GELU instead of SiLU in the tower": _gelu_tower,
     "row-major merger order": lambda ours, mp: mp.setattr(vision, "merge_patches", _row_major_merge),
     "2-D RoPE on frequency halves": lambda ours, mp: mp.setattr(vision, "rope_2d", _rope_2d_frequency_halves),
