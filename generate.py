@@ -115,9 +115,6 @@ def decode_step(model, token: torch.Tensor, pos: torch.Tensor, hidden: list | No
     return model.forward_embeddings(model.tok_embeddings(token), pos, hidden, length=length)
 
 
-CACHE_STEP = 1024   # a compiled step's cache size is a multiple of this
-
-
 @functools.cache
 def compiled_decode_step():
     """decode_step compiled whole; "reduce-overhead" replays it as one CUDA graph on a GPU."""
@@ -140,12 +137,7 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
     compiled = compile and recorder is None
     step = compiled_decode_step() if compiled else decode_step
     stats, out = Stats(prompt_tokens=len(prompt)), []
-    length = len(prompt) + max_tokens
-    if compiled:
-        # A compiled step is made for one cache size: round it up, so that the next answers (a
-        # conversation's prompt grows by a turn) fit the same cache and run the same compiled step.
-        length = min(-(-length // CACHE_STEP) * CACHE_STEP, model.args.max_position_embeddings)
-    model.setup_cache(1, length)
+    model.setup_cache(1, len(prompt) + max_tokens)
     pos = torch.arange(len(prompt), device=device)
     hidden = [] if recorder is not None and recorder.hidden is not None else None
     start = time.perf_counter()

@@ -360,23 +360,3 @@ def test_decoding_reads_the_cache_up_to_the_new_token(repo):
     control = (one_short - whole).abs().max().item()
     print(f"length 7 vs whole cache: {diff:.2e}; length 6: {control:.2e}")
     assert diff <= 1e-5 and control > 1e-2      # (summation order differs with the length)
-
-
-def test_compiled_step_is_reused_across_answers(repo, monkeypatch):
-    """A conversation's second answer, with a longer prompt, runs the step compiled for the first: the
-    cache is rounded up to a multiple of CACHE_STEP. Negative control: an exact cache (a step of 1)
-    compiles again. (A counting backend stands in for inductor, which needs a C++ compiler.)"""
-    from torch._dynamo.testing import CompileCounter
-    from model import load_model
-    model = load_model(repo[0])
-    prompts = [[1, 3, 1000, 1001, 4], [1, 3, 1000, 1001, 4, 1002, 1003, 1004, 1005]]
-    eager = generate.generate(model, prompts[0], [], 4, Sampling(0.0), set())[0]
-    for step, compiles in [(generate.CACHE_STEP, 1), (1, 2)]:
-        counter = CompileCounter()
-        monkeypatch.setattr(generate, "CACHE_STEP", step)
-        monkeypatch.setattr(generate, "compiled_decode_step",
-                            lambda: torch.compile(generate.decode_step, backend=counter, fullgraph=True))
-        torch._dynamo.reset()
-        outs = [generate.generate(model, p, [], 4, Sampling(0.0), set(), compile=True)[0] for p in prompts]
-        assert outs[0] == eager
-        assert counter.frame_count == compiles
