@@ -231,3 +231,17 @@ def image_tokens(rows: int, cols: int) -> list[int]:
     """The chat layout of an image of rows x cols image tokens: [IMG] * cols + [IMG_BREAK] per row,
     the last [IMG_BREAK] replaced by [IMG_END]."""
     return ([IMG] * cols + [IMG_BREAK]) * (rows - 1) + [IMG] * cols + [IMG_END]
+
+
+def forward_in_chunks(model, tokens: torch.Tensor, ends: list[int], images: list | None = None) -> torch.Tensor:
+    """The logits [B, S, V] of tokens [B, S] fed through the KV cache chunk by chunk: chunk i runs up to
+    position ends[i] (the last end is S), with images[i], the images of its [IMG] tokens, if given.
+    Chunks of one token are decoding steps. The cache is dropped afterwards."""
+    images = images or [None] * len(ends)
+    model.setup_cache(batch_size=tokens.shape[0], max_seq_len=64)
+    try:
+        starts = [0] + ends[:-1]
+        return torch.cat([model(tokens[:, a:b], input_pos=torch.arange(a, b), images=im)
+                          for a, b, im in zip(starts, ends, images)], dim=1)
+    finally:
+        model.setup_cache(1, 1)

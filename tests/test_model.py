@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import model as model_module
-from checkpoints import (REAL_TEXT_PARAMS, TINY_PARAMS, hf_text_model, native_to_hf_text, real_text_shapes,
-                         write_native)
+from checkpoints import (REAL_TEXT_PARAMS, TINY_PARAMS, forward_in_chunks, hf_text_model, native_to_hf_text,
+                         real_text_shapes, write_native)
 from model import ModelArgs, Transformer, load_model
 
 TOL = 1e-4
@@ -62,14 +62,7 @@ def test_logits_equal_transformers(ours, theirs, length):
 def test_cache_decode_equals_full_forward(ours):
     toks = tokens(2, 40, seed=1)
     full = ours(toks)
-    ours.setup_cache(batch_size=2, max_seq_len=64)
-    try:
-        steps = [ours(toks[:, :9], input_pos=torch.arange(9))]          # prefill
-        for p in range(9, 40):                                           # then one token at a time
-            steps.append(ours(toks[:, p:p + 1], input_pos=torch.tensor([p])))
-        decoded = torch.cat(steps, dim=1)
-    finally:
-        ours.setup_cache(1, 1)
+    decoded = forward_in_chunks(ours, toks, [9] + list(range(10, 41)))   # prefill 9, then one token at a time
     diff = max_diff(decoded, full)
     print(f"prefill 9 + 31 decode steps vs full forward: max abs diff {diff:.2e}")
     assert diff <= 1e-5

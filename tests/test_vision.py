@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 import model as model_module
 import vision
-from checkpoints import (REAL_PARAMS, TINY_PARAMS, TINY_VISION_PARAMS, hf_mistral3_model, hf_pixels,
-                         image_tokens, real_text_shapes, real_vision_shapes, write_native)
+from checkpoints import (REAL_PARAMS, TINY_PARAMS, TINY_VISION_PARAMS, forward_in_chunks, hf_mistral3_model,
+                         hf_pixels, image_tokens, real_text_shapes, real_vision_shapes, write_native)
 from model import ModelArgs, Transformer, load_model
 
 TOL = 1e-4
@@ -142,15 +142,9 @@ def test_prefill_with_cache_takes_images_per_chunk(ours):
     tokens, images = CASES["images in two turns"]
     split = tokens[0].tolist().index(EOS) + 1                # the first turn and its answer
     full = ours(tokens, images=images)
-    ours.setup_cache(batch_size=1, max_seq_len=64)
-    try:
-        steps = [ours(tokens[:, :split], input_pos=torch.arange(split), images=images[:1]),
-                 ours(tokens[:, split:-3], input_pos=torch.arange(split, tokens.shape[1] - 3), images=images[1:])]
-        for p in range(tokens.shape[1] - 3, tokens.shape[1]):
-            steps.append(ours(tokens[:, p:p + 1], input_pos=torch.tensor([p])))
-        chunked = torch.cat(steps, dim=1)
-    finally:
-        ours.setup_cache(1, 1)
+    S = tokens.shape[1]
+    chunked = forward_in_chunks(ours, tokens, [split, S - 3, S - 2, S - 1, S],
+                                [images[:1], images[1:], None, None, None])
     diff = max_diff(chunked, full)
     print(f"two prefill chunks with one image each + 3 decode steps vs full forward: max abs diff {diff:.2e}")
     assert diff <= 1e-5
