@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chat import encode_chat, load_system_prompt, parse_output
-from model import ModelArgs, load_model, read_json
+from model import checkpoint_files, load_model
 from tokenizer import Tokenizer
 
 DEFAULT_MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
@@ -402,7 +402,7 @@ def user_message(text: str, images: list[str]) -> dict:
 
 
 def context_length(folder: Path) -> int:
-    return ModelArgs.from_params(read_json(folder / "params.json"), str(folder / "params.json")).max_position_embeddings
+    return checkpoint_files(folder)[2].max_position_embeddings   # native or Hugging Face layout
 
 
 class Session:

@@ -434,7 +434,8 @@ def _rotary_heads(name: str, args: ModelArgs) -> int:
     return args.n_heads if ".wq." in name else args.n_kv_heads
 
 
-def _checkpoint_files(folder: Path) -> tuple[str, list[Path], ModelArgs]:
+def checkpoint_files(folder: Path) -> tuple[str, list[Path], ModelArgs]:
+    """The folder's layout ("native" or "hf"), its weight files and the model's arguments."""
     if (folder / "params.json").is_file():
         args = ModelArgs.from_params(read_json(folder / "params.json"), str(folder / "params.json"))
         files = sorted(folder.glob("consolidated*.safetensors"))
@@ -514,7 +515,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Transfor
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder")
-    layout, files, args = _checkpoint_files(folder)
+    layout, files, args = checkpoint_files(folder)
     # Build on the meta device (no memory) and then assign the tensors read from disk, so that
     # the weights are held once.
     with torch.device("meta"):

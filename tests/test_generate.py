@@ -1,4 +1,6 @@
 """The sampler, the dump and compare tools, the hub download; the command line end to end."""
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -360,3 +362,15 @@ def test_decoding_reads_the_cache_up_to_the_new_token(repo):
     control = (one_short - whole).abs().max().item()
     print(f"length 7 vs whole cache: {diff:.2e}; length 6: {control:.2e}")
     assert diff <= 1e-5 and control > 1e-2      # (summation order differs with the length)
+
+
+def test_hugging_face_layout_folder(repo, oracle, tmp_path, capsys):
+    """A local folder in the Hugging Face layout (config.json + model*.safetensors, tekken.json beside)
+    answers like the native one."""
+    oracle.save_pretrained(tmp_path)
+    shutil.copy(repo[0] / "tekken.json", tmp_path)
+    args = ["--max-tokens", "4", "--temperature", "0", "--dtype", "float32", "--system", "", "Hello"]
+    assert generate.main(["--model", str(repo[0])] + args) == 0
+    native = capsys.readouterr().out
+    assert generate.main(["--model", str(tmp_path)] + args) == 0
+    assert capsys.readouterr().out == native
