@@ -344,7 +344,7 @@ def _check_image_tokens(is_image: torch.Tensor, grids: list[tuple[int, int]]) ->
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # invalid JSON or invalid UTF-8
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 

@@ -187,6 +187,9 @@ def test_params_not_json(native, tmp_path):
     (tmp_path / "params.json").write_text("{dim: 5120")
     with pytest.raises(ValueError, match="params.json: not valid JSON"):
         load_model(tmp_path)
+    (tmp_path / "params.json").write_bytes(b"\xff\xfe{")                 # not UTF-8 either
+    with pytest.raises(ValueError, match="params.json: not valid JSON"):
+        load_model(tmp_path)
 
 
 def test_params_missing_field(native, tmp_path):
