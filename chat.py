@@ -31,7 +31,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from vision import load_image, preprocess_image
+from images import cell_size, load_image, preprocess_image
+from inputs import InputError, MissingFileError
 
 VERSIONS = ("v7", "v11", "v13")
 JOIN = "\n\n"  # joins the texts of consecutive user (or assistant) messages and text parts
@@ -63,11 +64,11 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
     """Token ids of the prompt, and its images as pixel tensors [3, H, W] in prompt order."""
     version = tokenizer.version
     if version not in VERSIONS:
-        raise ValueError(f"no chat layout for tokenizer version {version!r}; expected one of {VERSIONS}")
+        raise InputError(f"no chat layout for tokenizer version {version!r}; expected one of {VERSIONS}")
     tool_list = read_tools(tools) if tools is not None else []
     tools_json = json.dumps(tool_list, ensure_ascii=False) if tool_list else None
     if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     turns = [read_message(tokenizer, message, i) for i, message in enumerate(messages)]
     check_order(turns)
     turns = merge(turns, version)
@@ -94,16 +95,16 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
 # ---------------------------------------------------------------------------------------- reading input
 
 def fail(index: int, role: str, problem: str) -> NoReturn:
-    raise ValueError(f"message {index} ({role}): {problem}")
+    raise InputError(f"message {index} ({role}): {problem}")
 
 
 def read_message(tokenizer, message: dict, i: int) -> Turn:
     if not isinstance(message, dict):
-        raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}")
+        raise InputError(f"message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}")
     role = message.get("role")
     role = "system" if role == "developer" else role  # OpenAI's newer name for system
     if role not in FOLLOWS:
-        raise ValueError(f"message {i}: unknown role {role!r}; expected system, user, assistant or tool")
+        raise InputError(f"message {i}: unknown role {role!r}; expected system, user, assistant or tool")
     content = message.get("content")
     if content is None and role != "assistant":
         fail(i, role, "has no content")
@@ -154,7 +155,7 @@ def read_image(tokenizer, source, i: int, k: int) -> torch.Tensor:
         fail(i, "user", f"part {k}: image part without an image or url")
     try:
         image = load_image(source)
-    except (ValueError, OSError) as e:  # OSError covers missing files, unreachable URLs, undecodable bytes
+    except InputError as e:  # a missing file, an unreachable URL, undecodable bytes, ...
         shown = f"{source:.60}" if isinstance(source, str) else type(source).__name__
         fail(i, "user", f"part {k}: cannot read image {shown!r}: {e}")
     return preprocess_image(image, config.patch_size, config.spatial_merge_size, config.max_image_size)
@@ -198,19 +199,19 @@ def check_call_id(call_id, i: int, role: str, version: str):
 def read_tools(tools) -> list[dict]:
     """The OpenAI tools list in the layout the model saw in training: type, then name, description, parameters."""
     if not isinstance(tools, list):
-        raise ValueError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, "
+        raise InputError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, "
                          f"got {type(tools).__name__}")
     out = []
     for k, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or tool.get("type", "function") != "function":
-            raise ValueError(f"tool {k}: expected {{'type': 'function', 'function': {{'name', 'parameters', ...}}}}")
+            raise InputError(f"tool {k}: expected {{'type': 'function', 'function': {{'name', 'parameters', ...}}}}")
         name, description = function.get("name"), function.get("description") or ""
         parameters = {} if function.get("parameters") is None else function["parameters"]
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise ValueError(f"tool {k}: function name {name!r} must be 1-64 letters, digits, '_' or '-'")
+            raise InputError(f"tool {k}: function name {name!r} must be 1-64 letters, digits, '_' or '-'")
         if not isinstance(description, str):
-            raise ValueError(f"tool {k} ({name}): description must be a string")
+            raise InputError(f"tool {k} ({name}): description must be a string")
         check_schema(parameters, f"tool {k} ({name}) parameters")
         check_json(parameters, f"tool {k} ({name}) parameters")
         function = {"name": name, "description": description, "parameters": parameters}
@@ -222,7 +223,7 @@ def check_json(value, what: str):
     try:
         json.dumps(value)
     except (TypeError, ValueError) as e:  # sets, objects, circular references
-        raise ValueError(f"{what} must be JSON data: {e}") from None
+        raise InputError(f"{what} must be JSON data: {e}") from None
 
 
 def check_schema(schema, where: str):
@@ -230,16 +231,16 @@ def check_schema(schema, where: str):
     if isinstance(schema, bool):  # true / false are valid sub-schemas
         return
     if not isinstance(schema, dict):
-        raise ValueError(f"{where}: a JSON schema must be an object, got {schema!r:.60}")
+        raise InputError(f"{where}: a JSON schema must be an object, got {schema!r:.60}")
     kinds = schema.get("type", [])
     kinds = kinds if isinstance(kinds, list) else [kinds]
     if not all(isinstance(kind, str) and kind in SCHEMA_TYPES for kind in kinds):
-        raise ValueError(f"{where}: type {schema['type']!r} is not one of {sorted(SCHEMA_TYPES)}")
+        raise InputError(f"{where}: type {schema['type']!r} is not one of {sorted(SCHEMA_TYPES)}")
     properties, required = schema.get("properties", {}), schema.get("required", [])
     if not isinstance(properties, dict):
-        raise ValueError(f"{where}: properties must be an object")
+        raise InputError(f"{where}: properties must be an object")
     if not isinstance(required, list) or not all(isinstance(key, str) for key in required):
-        raise ValueError(f"{where}: required must be a list of property names")
+        raise InputError(f"{where}: required must be a list of property names")
     for key, sub in properties.items():
         check_schema(sub, f"{where}.{key}")
     if isinstance(schema.get("items"), (dict, bool)):
@@ -335,8 +336,8 @@ def user_ids(tokenizer, parts: list, images: list) -> list[int]:
 
 def image_ids(tokenizer, pixels: torch.Tensor) -> list[int]:
     """One [IMG] per merged patch, [IMG_BREAK] after each row, [IMG_END] instead of the last break."""
-    unit = tokenizer.image.patch_size * tokenizer.image.spatial_merge_size  # pixels per image token side
-    rows, cols = pixels.shape[1] // unit, pixels.shape[2] // unit
+    cell = cell_size(tokenizer.image.patch_size, tokenizer.image.spatial_merge_size)
+    rows, cols = pixels.shape[1] // cell, pixels.shape[2] // cell
     ids = ([tokenizer.special_id("[IMG]")] * cols + [tokenizer.special_id("[IMG_BREAK]")]) * rows
     ids[-1] = tokenizer.special_id("[IMG_END]")
     return ids
@@ -456,7 +457,7 @@ def json_calls(text: str) -> list[ToolCall]:
 def optional_special(tokenizer, name: str) -> int | None:
     try:
         return tokenizer.special_id(name)
-    except (KeyError, ValueError):  # v7 has no [ARGS] / [CALL_ID]
+    except InputError:  # v7 has no [ARGS] / [CALL_ID]
         return None
 
 
@@ -468,7 +469,7 @@ def load_system_prompt(path, name: str, today: date | None = None) -> str:
     path = Path(path)
     path = path / "SYSTEM_PROMPT.txt" if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"system prompt file not found: {path}")
+        raise MissingFileError(f"system prompt file not found: {path}")
     today = today or date.today()
     fields = {"{name}": name.split("/")[-1], "{today}": f"{today:%Y-%m-%d}",
               "{yesterday}": f"{today - timedelta(days=1):%Y-%m-%d}"}

@@ -1,17 +1,20 @@
-"""Chat with Mistral Small 3.x from the command line, and dump logits for comparing runtimes.
+"""Chat with Mistral Small 3.x from the command line, or from Python through a Session.
 
     python generate.py "Why is the sky blue?"
     python generate.py --image photo.png "What should I do here?"
     python generate.py --messages chat.json --tools tools.json
-    python generate.py --dump out.safetensors "Hello"      # then: python generate.py compare a.safetensors b.safetensors
+    python generate.py --temperature 0 --dump out.safetensors "Hello"    # then: python dump.py compare ...
 
 The loop: encode the conversation (chat.py), prefill the prompt once, then sample one token per step
-through the KV cache until </s> or the token limit, streaming the text as it comes.
+through the KV cache until </s> or the token limit, streaming the text as it comes. The sampler and
+the loop work on token ids alone; Session adds the files, the tokenizer and the chat layout; the
+command line adds flags, printing and dumps.
 """
 import argparse
 import codecs
 import functools
 import json
+import math
 import re
 import sys
 import time
@@ -20,11 +23,13 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
-from safetensors.torch import load_file, save_file
 
-from chat import encode_chat, load_system_prompt, parse_output
-from model import checkpoint_files, load_model
+from chat import AssistantOutput, encode_chat, load_system_prompt, parse_output
+from dump import Recorder, write_dump
+from inputs import InputError, MissingFileError, read_json
+from load import load_model, read_checkpoint
 from tokenizer import Tokenizer
+from vision import check_tokenizer
 
 DEFAULT_MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
 # What a run needs from the official repository: the native weights (not the second, Hugging Face
@@ -42,16 +47,20 @@ class Sampling:
 
 
 MODEL_CARD_DEFAULTS = {
-    "magistral": Sampling(temperature=0.7, top_p=0.95, max_tokens=40960),
+    "Magistral": Sampling(temperature=0.7, top_p=0.95, max_tokens=40960),
     # The card gives no limit; the KV cache is sized to prompt + max_tokens and every decoding step reads
     # all of it, so a bounded default keeps the 24 B model's cache small (4096 positions: 0.7 GB in bf16).
-    "mistral-small": Sampling(temperature=0.15, top_p=1.0, max_tokens=4096),
+    "Mistral Small 3.x": Sampling(temperature=0.15, top_p=1.0, max_tokens=4096),
 }
 
 
+def is_reasoning_model(model_name: str) -> bool:
+    """Magistral thinks aloud between <think> and </think> before it answers."""
+    return "magistral" in model_name.lower()
+
+
 def card_defaults(model_name: str) -> Sampling:
-    name = model_name.lower()
-    key = "magistral" if "magistral" in name else "mistral-small"
+    key = "Magistral" if is_reasoning_model(model_name) else "Mistral Small 3.x"
     return Sampling(**vars(MODEL_CARD_DEFAULTS[key]))
 
 
@@ -89,30 +98,18 @@ class Stats:
     decode_s: float = 0.0
 
 
-class Recorder:
-    """Collects what --dump writes: logits of every position, optionally each block's hidden state."""
-
-    def __init__(self, hidden: bool):
-        self.logits, self.hidden = [], [] if hidden else None
-
-    def add(self, logits: torch.Tensor, hidden: list | None):
-        self.logits.append(logits[0].float().cpu())                                # [S, V]
-        if self.hidden is not None:
-            self.hidden.append([h[0].float().cpu() for h in hidden])                 # n_layers x [S, D]
-
-
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def decode_step(model, token: torch.Tensor, pos: torch.Tensor, hidden: list | None = None,
-                length: int | None = None) -> torch.Tensor:
+def decode_step(model, token: torch.Tensor, pos: torch.Tensor, collect_hidden: list | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
     """One generated token [B, 1] at position pos [1] -> float32 logits [B, 1, V]. The token is embedded
     as it is, unchecked (the image check of model.embed reads the tokens on the host), so the step never
-    waits for the host. length: the cache positions attention reads (pos + 1, known on the host);
+    waits for the host. kv_len: the cache positions attention reads (pos + 1, known on the host);
     None reads the whole cache, masked, so that every step has the same shapes: what a CUDA graph needs."""
-    return model.forward_embeddings(model.tok_embeddings(token), pos, hidden, length=length)
+    return model.forward_embeddings(model.tok_embeddings(token), pos, collect_hidden, kv_len=kv_len)
 
 
 @functools.cache
@@ -127,22 +124,25 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
              compile: bool = False) -> tuple[list[int], Stats]:
     """Prefill `prompt` (with its images), then sample up to `max_tokens` tokens, one per step through
     the KV cache. on_token(id) is called as each token is chosen. Returns (generated ids, stats).
-    compile: run the decoding steps through torch.compile (the first call compiles them); a recorder
-    keeps the eager steps, so that dumps hold the logits of the code as written.
+    compile: run the decoding steps through torch.compile (the first call compiles them).
+    recorder: keeps the logits (and hidden states) of every position, for a dump; it needs the eager
+    steps, so that a dump holds the logits of the code as written.
     A KeyboardInterrupt stops the loop and returns what was generated so far."""
     if max_tokens < 1:
-        raise ValueError(f"max_tokens is {max_tokens}: expected at least 1")
+        raise InputError(f"max_tokens is {max_tokens}: expected at least 1")
+    if compile and recorder is not None:
+        raise InputError("compile and a recorder (--compile and --dump) cannot be combined: a dump holds "
+                         "the logits of the eager code")
     device = model.output.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    compiled = compile and recorder is None
-    step = compiled_decode_step() if compiled else decode_step
+    step = compiled_decode_step() if compile else decode_step
     stats, out = Stats(prompt_tokens=len(prompt)), []
     model.setup_cache(1, len(prompt) + max_tokens)
     pos = torch.arange(len(prompt), device=device)
     hidden = [] if recorder is not None and recorder.hidden is not None else None
     start = time.perf_counter()
     try:
-        logits = model(torch.tensor([prompt], device=device), input_pos=pos, hidden=hidden,
+        logits = model(torch.tensor([prompt], device=device), input_pos=pos, collect_hidden=hidden,
                        images=images or None, last_only=recorder is None)            # [1, S or 1, V]
         while True:
             if recorder is not None:
@@ -160,8 +160,8 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
             pos = pos[-1:] + 1
             hidden = [] if hidden is not None else None
             # Eager steps read the cache up to the new token; a compiled one all of it (fixed shapes).
-            length = None if compiled else len(prompt) + len(out)
-            logits = step(model, next_id[:, None], pos, hidden, length)             # [1, 1, V]
+            kv_len = None if compile else len(prompt) + len(out)
+            logits = step(model, next_id[:, None], pos, hidden, kv_len)             # [1, 1, V]
     except KeyboardInterrupt:
         pass
     _sync(device)
@@ -169,6 +169,8 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
     stats.decode_s = time.perf_counter() - start - stats.prefill_s
     return out, stats
 
+
+# ----------------------------------------------------------------------------- streaming
 
 class TextStream:
     """Prints tokens as text; a UTF-8 character split across tokens is printed once complete."""
@@ -213,71 +215,6 @@ def _partial_suffix(text: str, tag: str) -> int:
     return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
 
 
-# ----------------------------------------------------------------------------- the oracle dump
-
-def write_dump(path, prompt: list[int], generated: list[int], recorder: Recorder, vision_features=None,
-               metadata: dict | None = None):
-    """One safetensors file (format documented in the README):
-    prompt_ids int64 [S]; generated_ids int64 [N]; logits float32 [S + N - 1, V], row p = the output at
-    sequence position p (the distribution of token p + 1); hidden.{i} float32 [S + N - 1, D] after
-    block i (with --dump-hidden); vision_features float32 [n_image_tokens, D] when there are images."""
-    tensors = {"prompt_ids": torch.tensor(prompt, dtype=torch.int64),
-               "generated_ids": torch.tensor(generated, dtype=torch.int64),
-               "logits": torch.cat(recorder.logits)}
-    if recorder.hidden is not None:
-        for i, layer in enumerate(zip(*recorder.hidden)):
-            tensors[f"hidden.{i}"] = torch.cat(layer)
-    if vision_features is not None:
-        tensors["vision_features"] = vision_features.float().cpu()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"format": "mistral-small-reference-dump/1", **(metadata or {})})
-
-
-@dataclass
-class Comparison:
-    positions: int
-    max_abs_diff: float
-    mean_kl: float
-    max_kl: float
-    top1_agreement: float
-    first_argmax_diff: int | None
-    first_token_diff: int | None
-
-
-def compare(path_a, path_b) -> Comparison:
-    """Compare two dumps position by position, over the positions where both saw the same tokens."""
-    a, b = load_file(str(path_a)), load_file(str(path_b))
-    seq_a = torch.cat([a["prompt_ids"], a["generated_ids"]])
-    seq_b = torch.cat([b["prompt_ids"], b["generated_ids"]])
-    n = min(len(seq_a), len(seq_b))
-    differ = (seq_a[:n] != seq_b[:n]).nonzero()
-    first_token_diff = int(differ[0]) if len(differ) else None
-    # row p depends on tokens 0..p: comparable while both sequences agree up to p
-    rows = min(first_token_diff if first_token_diff is not None else n, len(a["logits"]), len(b["logits"]))
-    la, lb = a["logits"][:rows].double(), b["logits"][:rows].double()
-    lpa, lpb = la.log_softmax(-1), lb.log_softmax(-1)
-    kl = (lpa.exp() * (lpa - lpb)).sum(-1)                                          # KL(a || b) [rows]
-    agree = la.argmax(-1) == lb.argmax(-1)
-    mismatch = (~agree).nonzero()
-    return Comparison(rows, (la - lb).abs().max().item() if rows else 0.0,
-                      kl.mean().item() if rows else 0.0, kl.max().item() if rows else 0.0,
-                      agree.double().mean().item() if rows else 1.0,
-                      int(mismatch[0]) if len(mismatch) else None, first_token_diff)
-
-
-def print_comparison(c: Comparison, file=None):
-    print(f"positions compared  {c.positions}", file=file)
-    print(f"max abs logit diff  {c.max_abs_diff:.6g}", file=file)
-    print(f"mean KL(a||b)       {c.mean_kl:.6g}", file=file)
-    print(f"max KL(a||b)        {c.max_kl:.6g}", file=file)
-    print(f"top-1 agreement     {c.top1_agreement:.6f}", file=file)
-    print(f"first argmax diff   {'none' if c.first_argmax_diff is None else f'position {c.first_argmax_diff}'}",
-          file=file)
-    if c.first_token_diff is not None:
-        print(f"token sequences differ from position {c.first_token_diff}; later positions not compared",
-              file=file)
-
-
 # ----------------------------------------------------------------------------- files and devices
 
 def resolve_model(name: str) -> Path:
@@ -286,28 +223,36 @@ def resolve_model(name: str) -> Path:
     if folder.is_dir():
         return folder
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or folder.exists():
-        raise FileNotFoundError(f"--model {name}: no such folder (expected a local folder with params.json, "
+        raise MissingFileError(f"--model {name}: no such folder (expected a local folder with params.json, "
                                 f"consolidated.safetensors and tekken.json, or a hub id like {DEFAULT_MODEL})")
     try:
         return Path(huggingface_hub.snapshot_download(name, allow_patterns=HUB_FILES))
     except Exception as e:  # no network, gated repository, missing login, typo in the id
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--model {name}: could not get the files from the Hugging Face hub ({type(e).__name__}: {e}). "
             f"On a machine with network run `hf download {name} --include {' '.join(HUB_FILES)} "
             f"--local-dir DIR` (after `hf auth login` and accepting the model's terms if it is gated), "
             f"then pass --model DIR") from None
 
 
+def model_name(model: str) -> str:
+    """A local folder is known by its name, a hub id by its last part (Mistral-Small-3.2-24B-Instruct-2506)."""
+    return Path(model).resolve().name if Path(model).is_dir() else model.split("/")[-1]
+
+
 def tokenizer_file(folder: Path) -> Path:
     found = [folder / "tekken.json"] if (folder / "tekken.json").is_file() else sorted(folder.glob("tokenizer.model*"))
     if not found:
-        raise FileNotFoundError(f"{folder}: no tokenizer file (expected tekken.json)")
+        raise MissingFileError(f"{folder}: no tokenizer file (expected tekken.json)")
     return found[0]
 
 
 def pick_device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        try:
+            return torch.device(name)
+        except RuntimeError as e:
+            raise InputError(f"--device {name!r}: not a torch device ({e})") from None
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -321,8 +266,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # kilobytes on Linux
+    import resource   # POSIX only
+    # ru_maxrss is in kilobytes on Linux, in bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1000) / 1e9
 
 
 def print_stats(stats: Stats, device: torch.device):
@@ -333,7 +279,69 @@ def print_stats(stats: Stats, device: torch.device):
           f"peak memory {peak_memory_gb(device):.2f} GB]", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- the session
+
+@dataclass
+class Reply:
+    prompt_ids: list[int]
+    images: list[torch.Tensor]      # the prompt's pixels, on the model's device
+    ids: list[int]                  # the generated ids, </s> included when it was sampled
+    output: AssistantOutput         # those ids parsed: content, tool calls, reasoning
+    stats: Stats
+
+
+class Session:
+    """A model with its tokenizer and chat layout, answering one conversation at a time.
+
+        session = Session("path/to/Mistral-Small-3.2-24B-Instruct-2506", device="cuda")
+        reply = session.answer([{"role": "user", "content": "Hello"}])
+        print(reply.output.content)
+
+    model: a local folder or a hub id; dtype: "bfloat16", "float16" or "float32"; compile: the decoding
+    step through torch.compile. The weights are loaded with the first answer, once its prompt is known
+    to fit the context; sampling defaults come from the model card (see `sampling`)."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "bfloat16",
+                 compile: bool = False):
+        if dtype not in DTYPES:
+            raise InputError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        self.folder = resolve_model(model)
+        self.name = model_name(model)
+        self.tokenizer = Tokenizer.from_file(tokenizer_file(self.folder))
+        self.checkpoint = read_checkpoint(self.folder)
+        if self.checkpoint.vision is not None:
+            check_tokenizer(self.checkpoint.vision, self.tokenizer, str(self.checkpoint.config))
+        self.context = self.checkpoint.args.max_position_embeddings
+        self.sampling = card_defaults(self.name)
+        self.reasoning = is_reasoning_model(self.name)
+        self.device, self.dtype, self.compile = pick_device(device), DTYPES[dtype], compile
+        self.model = None
+
+    def answer(self, messages: list[dict], tools: list | None = None, sampling: Sampling | None = None,
+               seed: int | None = None, on_token=None, recorder: Recorder | None = None) -> Reply:
+        """Generate the assistant's answer to the conversation (OpenAI chat format, see chat.py).
+        on_token(id) sees each token as it is chosen; the answer never runs past the context."""
+        ids, images = encode_chat(self.tokenizer, messages, tools)
+        room = self.context - len(ids)
+        if room < 1:
+            raise InputError(f"the prompt is {len(ids)} tokens (images included), more than the model's "
+                             f"context of {self.context} tokens")
+        sampling = sampling or self.sampling
+        max_tokens = min(sampling.max_tokens or room, room)
+        if self.model is None:
+            self.model = load_model(self.folder, device=self.device, dtype=self.dtype)
+        images = [im.to(self.device, self.model.output.weight.dtype) for im in images]
+        out, stats = generate(self.model, ids, images, max_tokens, sampling, {self.tokenizer.eos_id},
+                              on_token=on_token, seed=seed, recorder=recorder, compile=self.compile)
+        return Reply(ids, images, out, parse_output(self.tokenizer, out), stats)
+
+
 # ----------------------------------------------------------------------------- the command line
+
+def card_help(field: str) -> str:
+    return "default from the model card (" + ", ".join(
+        f"{name}: {getattr(s, field)}" for name, s in MODEL_CARD_DEFAULTS.items()) + ")"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -346,29 +354,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", help="a JSON file with a tool list in the OpenAI format")
     p.add_argument("--interactive", "-i", action="store_true", help="multi-turn chat; '/image PATH' attaches "
                                                                      "an image to the next message")
-    p.add_argument("--temperature", type=float, help="default from the model card (Small 3.2: 0.15, Magistral: 0.7)")
-    p.add_argument("--top-p", type=float, help="default from the model card (Small 3.2: 1.0, Magistral: 0.95)")
+    p.add_argument("--temperature", type=float, help=card_help("temperature") + "; 0 is greedy")
+    p.add_argument("--top-p", type=float, help=card_help("top_p"))
     p.add_argument("--top-k", type=int, help="0 keeps every token (default)")
-    p.add_argument("--max-tokens", type=int, help="default 4096 (Magistral: 40960), never past the end of the context")
+    p.add_argument("--max-tokens", type=int, help=card_help("max_tokens") + ", never past the end of the context")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="compile the decoding step with torch.compile (one "
                                                           "CUDA graph on a GPU): faster decoding after a slow "
-                                                          "first answer")
+                                                          "first answer; not with --dump")
     p.add_argument("--dump", help="write prompt ids, generated ids and float32 logits to this .safetensors")
     p.add_argument("--dump-hidden", action="store_true", help="with --dump: also each block's hidden state "
                                                               "and the vision features")
     return p
 
 
-def read_json_arg(path: str, flag: str):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{flag} {path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag} {path}: not valid JSON ({e})") from None
+def check_flags(parser: argparse.ArgumentParser, args) -> None:
+    """Flags that are wrong on their own or together: refused before anything loads."""
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error(f"--max-tokens {args.max_tokens}: expected at least 1")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error(f"--temperature {args.temperature}: expected a finite number >= 0")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p {args.top_p}: expected a number in (0, 1]")
+    if args.top_k is not None and args.top_k < 0:
+        parser.error(f"--top-k {args.top_k}: expected 0 (every token) or more")
+    if args.compile and args.dump:
+        parser.error("--compile and --dump cannot be combined: a dump holds the logits of the eager code")
+    if args.dump_hidden and not args.dump:
+        parser.error("--dump-hidden needs --dump FILE")
+
+
+def flag_sampling(args, card: Sampling) -> Sampling:
+    """The model card's sampling with the flags that were given."""
+    return Sampling(temperature=card.temperature if args.temperature is None else args.temperature,
+                    top_p=card.top_p if args.top_p is None else args.top_p,
+                    top_k=args.top_k or 0,
+                    max_tokens=card.max_tokens if args.max_tokens is None else args.max_tokens)
 
 
 def system_prompt(args, folder: Path, name: str) -> str | None:
@@ -380,11 +403,11 @@ def system_prompt(args, folder: Path, name: str) -> str | None:
     return None
 
 
-def first_messages(args, session) -> list[dict]:
+def first_messages(args, session: Session) -> list[dict]:
     if args.messages:
-        messages = read_json_arg(args.messages, "--messages")
+        messages = read_json(Path(args.messages), f"--messages {args.messages}")
         if not isinstance(messages, list):
-            raise ValueError(f"--messages {args.messages}: expected a JSON list of messages")
+            raise InputError(f"--messages {args.messages}: expected a JSON list of messages")
         return messages
     system = system_prompt(args, session.folder, session.name)
     messages = [{"role": "system", "content": system}] if system else []
@@ -401,57 +424,24 @@ def user_message(text: str, images: list[str]) -> dict:
             [{"type": "image_url", "image_url": {"url": image}} for image in images]}
 
 
-def context_length(folder: Path) -> int:
-    return checkpoint_files(folder)[2].max_position_embeddings   # native or Hugging Face layout
+def respond(session: Session, messages: list[dict], tools, args) -> AssistantOutput:
+    """Answer on the terminal: the text streamed (Magistral's reasoning to stderr), tool calls as
+    JSON, the stats line; and the dump, if asked for."""
+    stream = TextStream(session.tokenizer, write=ReasoningSplit() if session.reasoning else None)
+    recorder = Recorder(args.dump_hidden) if args.dump else None
+    reply = session.answer(messages, tools, seed=args.seed, on_token=stream, recorder=recorder)
+    stream.flush()
+    print(flush=True)
+    if reply.output.tool_calls:
+        print(json.dumps([vars(c) for c in reply.output.tool_calls], ensure_ascii=False, indent=2))
+    print_stats(reply.stats, session.device)
+    if recorder is not None:
+        features = session.model.image_features(reply.images) if reply.images and args.dump_hidden else None
+        write_dump(args.dump, reply.prompt_ids, reply.ids, recorder, features, {"model": args.model})
+    return reply.output
 
 
-class Session:
-    """A loaded model, its tokenizer and settings: answers one conversation at a time."""
-
-    def __init__(self, args):
-        self.args = args
-        self.folder = resolve_model(args.model)
-        self.tokenizer = Tokenizer.from_file(tokenizer_file(self.folder))
-        self.context = context_length(self.folder)
-        # a local folder is known by its name, a hub id by its last part
-        self.name = Path(args.model).resolve().name if Path(args.model).is_dir() else args.model.split("/")[-1]
-        s = card_defaults(self.name)
-        self.sampling = Sampling(temperature=s.temperature if args.temperature is None else args.temperature,
-                                 top_p=s.top_p if args.top_p is None else args.top_p,
-                                 top_k=args.top_k or 0,
-                                 max_tokens=args.max_tokens or s.max_tokens)
-        self.reasoning = "magistral" in self.name.lower()
-        self.device = pick_device(args.device)
-        self.model = None   # loaded with the first answer, once the prompt is known to fit
-
-    def answer(self, messages: list[dict], tools: list | None):
-        """Stream the model's answer to the conversation; return it parsed (chat.AssistantOutput)."""
-        ids, images = encode_chat(self.tokenizer, messages, tools)
-        room = self.context - len(ids)
-        if room < 1:
-            raise ValueError(f"the prompt is {len(ids)} tokens (images included), more than the model's "
-                             f"context of {self.context} tokens")
-        max_tokens = min(self.sampling.max_tokens or room, room)
-        if self.model is None:
-            self.model = load_model(self.folder, device=self.device, dtype=DTYPES[self.args.dtype])
-        images = [im.to(self.device, self.model.output.weight.dtype) for im in images]
-        stream = TextStream(self.tokenizer, write=ReasoningSplit() if self.reasoning else None)
-        recorder = Recorder(self.args.dump_hidden) if self.args.dump else None
-        out, stats = generate(self.model, ids, images, max_tokens, self.sampling, {self.tokenizer.eos_id},
-                              on_token=stream, seed=self.args.seed, recorder=recorder, compile=self.args.compile)
-        stream.flush()
-        print(flush=True)
-        parsed = parse_output(self.tokenizer, out)
-        if parsed.tool_calls:
-            print(json.dumps([vars(c) for c in parsed.tool_calls], ensure_ascii=False, indent=2))
-        print_stats(stats, self.device)
-        if recorder is not None:
-            features = self.model.image_features(images) if images and self.args.dump_hidden else None
-            write_dump(self.args.dump, ids, out, recorder, features, {"model": self.args.model})
-        return parsed
-
-
-def interactive(session: Session, messages: list[dict], tools):
+def interactive(session: Session, messages: list[dict], tools, args):
     pending_images = []
     while True:
         try:
@@ -466,28 +456,24 @@ def interactive(session: Session, messages: list[dict], tools):
             continue
         messages.append(user_message(line, pending_images))
         pending_images = []
-        messages.append(session.answer(messages, tools).to_message())
+        messages.append(respond(session, messages, tools, args).to_message())
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
     try:
-        if argv[:1] == ["compare"]:
-            if len(argv) != 3:
-                raise ValueError("usage: python generate.py compare A.safetensors B.safetensors")
-            c = compare(argv[1], argv[2])
-            print_comparison(c)
-            return 0 if c.first_argmax_diff is None and c.first_token_diff is None else 1
-        args = build_parser().parse_args(argv)
-        session = Session(args)
-        tools = read_json_arg(args.tools, "--tools") if args.tools else None
+        session = Session(args.model, args.device, args.dtype, args.compile)
+        session.sampling = flag_sampling(args, session.sampling)
+        tools = read_json(Path(args.tools), f"--tools {args.tools}") if args.tools else None
         messages = first_messages(args, session)
         if args.interactive:
-            interactive(session, messages, tools)
+            interactive(session, messages, tools, args)
         else:
-            session.answer(messages, tools)
+            respond(session, messages, tools, args)
         return 0
-    except (ValueError, FileNotFoundError) as e:
+    except InputError as e:   # bad input: one line; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

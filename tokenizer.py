@@ -15,7 +15,6 @@ Tekken id layout (vocabulary of n_words ids):
                             ranks 0..255 are the 256 single bytes, so every text has an encoding
 """
 import base64
-import json
 import operator
 import re
 from collections import Counter
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import sentencepiece
 import tiktoken
+
+from inputs import InputError, MissingFileError, read_json
 
 POLICIES = ("ignore", "keep", "raise")  # what decode does with special tokens
 TEKKEN_VERSIONS = ("v3", "v7", "v11", "v13")
@@ -63,14 +64,14 @@ class Tokenizer:
     def from_file(cls, path) -> "Tokenizer":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+            raise MissingFileError(f"tokenizer file not found: {path}")
         with open(path, "rb") as f:
             looks_like_json = f.read(64).lstrip().startswith(b"{")
         if path.suffix == ".json" or looks_like_json:
             return Tekken(path)
         if ".model" in path.name:
             return SentencePiece(path)
-        raise ValueError(f"{path}: not a tokenizer file; expected a tekken.json or a "
+        raise InputError(f"{path}: not a tokenizer file; expected a tekken.json or a "
                          "SentencePiece tokenizer.model[.vN]")
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
@@ -86,24 +87,24 @@ class Tokenizer:
     def decode(self, ids, special: str = "ignore") -> str:
         """Text of `ids`; special tokens are dropped ("ignore"), named ("keep") or refused ("raise")."""
         if special not in POLICIES:
-            raise ValueError(f"special must be one of {POLICIES}, got {special!r}")
+            raise InputError(f"special must be one of {POLICIES}, got {special!r}")
         ids = self._checked(ids)
         if special == "raise":
             found = next((i for i in ids if i in self._specials), None)
             if found is not None:
-                raise ValueError(f"decode(special='raise'): id {found} is the special token "
+                raise InputError(f"decode(special='raise'): id {found} is the special token "
                                  f"{self._specials[found]}")
         return self._decode(ids, keep=special == "keep")
 
     def special_id(self, name: str) -> int:
         if name not in self._special_ids:
-            raise ValueError(f"unknown special token {name!r} (tokenizer {self.version})")
+            raise InputError(f"unknown special token {name!r} (tokenizer {self.version})")
         return self._special_ids[name]
 
     def special_name(self, id: int) -> str:
         (id,) = self._checked([id])
         if id not in self._specials:
-            raise ValueError(f"id {id} is a regular token, not a special token")
+            raise InputError(f"id {id} is a regular token, not a special token")
         return self._specials[id]
 
     def is_special(self, id: int) -> bool:
@@ -127,7 +128,7 @@ class Tokenizer:
             raise TypeError(f"token ids must be integers, got {ids!r:.100}") from None
         if ids and (min(ids) < 0 or max(ids) >= self.n_words):
             bad = next(i for i in ids if not 0 <= i < self.n_words)
-            raise ValueError(f"token id {bad} is out of range: this tokenizer has n_words={self.n_words} "
+            raise InputError(f"token id {bad} is out of range: this tokenizer has n_words={self.n_words} "
                              f"(ids 0..{self.n_words - 1})")
         return ids
 
@@ -136,26 +137,26 @@ class Tekken(Tokenizer):
     """Tekken (tekken.json): tiktoken BPE over UTF-8 bytes, ids laid out as in the module docstring."""
 
     def __init__(self, path: Path):
-        data = _read_json(path)
+        data = read_json(path)
         if not (isinstance(data, dict) and isinstance(data.get("config"), dict)
                 and isinstance(data.get("vocab"), list)):
-            raise ValueError(f"{path}: not a Tekken file (expected a JSON object with 'config' and 'vocab')")
+            raise InputError(f"{path}: not a Tekken file (expected a JSON object with 'config' and 'vocab')")
         config = data["config"]
         self.version = config.get("version")
         if self.version not in TEKKEN_VERSIONS:
-            raise ValueError(f"{path}: unknown Tekken version {self.version!r}; "
+            raise InputError(f"{path}: unknown Tekken version {self.version!r}; "
                              f"expected one of {', '.join(TEKKEN_VERSIONS)}")
         pattern = _config_value(config, "pattern", str, path)
         self.n_words = _config_value(config, "default_vocab_size", int, path)
         n_special = _config_value(config, "default_num_special_tokens", int, path)
         if not 0 < n_special <= self.n_words - 256:
-            raise ValueError(f"{path}: default_num_special_tokens={n_special} leaves no room for the 256 "
+            raise InputError(f"{path}: default_num_special_tokens={n_special} leaves no room for the 256 "
                              f"byte tokens in default_vocab_size={self.n_words}")
 
         names = _tekken_specials(data.get("special_tokens"), self.version, n_special, path)
         missing = [name for name in ("<unk>", "<s>", "</s>", "<pad>") if name not in names]
         if missing:
-            raise ValueError(f"{path}: special_tokens lacks {missing}")
+            raise InputError(f"{path}: special_tokens lacks {missing}")
         self._set_specials(dict(enumerate(names)))
         self.bos_id, self.eos_id = self.special_id("<s>"), self.special_id("</s>")
         self.pad_id, self.unk_id = self.special_id("<pad>"), self.special_id("<unk>")
@@ -169,7 +170,7 @@ class Tekken(Tokenizer):
             self._bpe = tiktoken.Encoding(path.name, pat_str=pattern, mergeable_ranks=ranks,
                                           special_tokens={})
         except ValueError as e:
-            raise ValueError(f"{path}: config['pattern'] is not a valid regular expression ({e})") from None
+            raise InputError(f"{path}: config['pattern'] is not a valid regular expression ({e})") from None
 
     def _encode(self, text: str) -> list[int]:
         # encode_ordinary never matches special tokens in text. tiktoken turns lone surrogates,
@@ -200,7 +201,7 @@ class SentencePiece(Tokenizer):
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+            raise InputError(f"{path}: not a SentencePiece model ({e})") from None
         sp = self._sp
         self.n_words = sp.get_piece_size()
         self.bos_id, self.eos_id = sp.bos_id(), sp.eos_id()
@@ -229,17 +230,10 @@ class SentencePiece(Tokenizer):
         return piece.replace("\u2581", " ").encode("utf-8")
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # invalid JSON or invalid UTF-8
-        raise ValueError(f"{path}: not a JSON file ({e})") from None
-
-
 def _config_value(config: dict, key: str, kind: type, path: Path):
     value = config.get(key)
     if not isinstance(value, kind):
-        raise ValueError(f"{path}: config[{key!r}] must be of type {kind.__name__}, got {value!r:.100}")
+        raise InputError(f"{path}: config[{key!r}] must be of type {kind.__name__}, got {value!r:.100}")
     return value
 
 
@@ -247,32 +241,32 @@ def _tekken_specials(listed, version: str, n_special: int, path: Path) -> list[s
     """Names of the n_special special tokens, in id order."""
     if listed is None:
         if int(version[1:]) > 7:
-            raise ValueError(f"{path}: a {version} tekken.json must list its special_tokens")
+            raise InputError(f"{path}: a {version} tekken.json must list its special_tokens")
         names = list(BUILTIN_SPECIALS)
     elif isinstance(listed, list):
         names = []
         for i, entry in enumerate(listed):
             if not (isinstance(entry, dict) and entry.get("rank") == i
                     and isinstance(entry.get("token_str"), str)):
-                raise ValueError(f"{path}: special_tokens[{i}] must be {{'rank': {i}, 'token_str': ...}}, "
+                raise InputError(f"{path}: special_tokens[{i}] must be {{'rank': {i}, 'token_str': ...}}, "
                                  f"got {entry!r:.100}")
             names.append(entry["token_str"])
     else:
-        raise ValueError(f"{path}: special_tokens must be a list, got {listed!r:.100}")
+        raise InputError(f"{path}: special_tokens must be a list, got {listed!r:.100}")
     if len(names) > n_special:
-        raise ValueError(f"{path}: {len(names)} special tokens, more than "
+        raise InputError(f"{path}: {len(names)} special tokens, more than "
                          f"default_num_special_tokens={n_special}")
     names += [f"<SPECIAL_{i}>" for i in range(len(names), n_special)]  # reserved ids
     repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
-        raise ValueError(f"{path}: special token names must be unique; repeated: {repeated}")
+        raise InputError(f"{path}: special token names must be unique; repeated: {repeated}")
     return names
 
 
 def _tekken_ranks(vocab: list, n_special: int, n_regular: int, path: Path) -> dict[bytes, int]:
     """Map the bytes of each of the first n_regular vocabulary entries to its id."""
     if len(vocab) < n_regular:
-        raise ValueError(f"{path}: vocab has {len(vocab)} entries, fewer than the {n_regular} declared "
+        raise InputError(f"{path}: vocab has {len(vocab)} entries, fewer than the {n_regular} declared "
                          "(default_vocab_size - default_num_special_tokens)")
     ranks = {}
     for rank, entry in enumerate(vocab[:n_regular]):
@@ -280,33 +274,33 @@ def _tekken_ranks(vocab: list, n_special: int, n_regular: int, path: Path) -> di
             token = base64.b64decode(entry["token_bytes"])
             listed_rank = entry["rank"]
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: vocab[{rank}] is malformed ({e!r}): {entry!r:.100}") from None
+            raise InputError(f"{path}: vocab[{rank}] is malformed ({e!r}): {entry!r:.100}") from None
         if listed_rank != rank:
-            raise ValueError(f"{path}: vocab[{rank}] has rank {listed_rank!r}; ranks must run 0, 1, 2, ...")
+            raise InputError(f"{path}: vocab[{rank}] has rank {listed_rank!r}; ranks must run 0, 1, 2, ...")
         ranks[token] = n_special + rank
     if len(ranks) < n_regular:
-        raise ValueError(f"{path}: vocab lists the same token bytes twice")
+        raise InputError(f"{path}: vocab lists the same token bytes twice")
     if any(ranks.get(bytes([b])) != n_special + b for b in range(256)):
-        raise ValueError(f"{path}: vocab must start with the 256 single bytes 0x00..0xff in order")
+        raise InputError(f"{path}: vocab must start with the 256 single bytes 0x00..0xff in order")
     return ranks
 
 
 def _image_config(data: dict, version: str, path: Path) -> ImageConfig | None:
     # "multimodal" is the legacy name of the "image" section, allowed up to v11 (as mistral-common).
     if data.get("multimodal") and int(version[1:]) > 11:
-        raise ValueError(f"{path}: a {version} tekken.json must call its image section 'image', "
+        raise InputError(f"{path}: a {version} tekken.json must call its image section 'image', "
                          "not 'multimodal'")
     section = data.get("multimodal") or data.get("image")
     if not section:
         return None
     if not isinstance(section, dict) or not {"image_patch_size", "max_image_size"} <= section.keys():
-        raise ValueError(f"{path}: the image section needs image_patch_size and max_image_size, "
+        raise InputError(f"{path}: the image section needs image_patch_size and max_image_size, "
                          f"got {section!r:.100}")
     # Files for models without patch merging (Pixtral 12B) omit spatial_merge_size: it is 1.
     merge = section.get("spatial_merge_size", 1)
     image = ImageConfig(section["image_patch_size"], section["max_image_size"], merge)
     if not all(isinstance(v, int) and v > 0 for v in astuple(image)):
-        raise ValueError(f"{path}: image sizes must be positive integers, got {section!r:.100}")
+        raise InputError(f"{path}: image sizes must be positive integers, got {section!r:.100}")
     return image
 
 
@@ -315,10 +309,10 @@ def _sentencepiece_version(path: Path) -> str:
     # a bare tokenizer.model is the v1 tokenizer.
     match = re.fullmatch(r".+\.model(?:\.(v\d+)(?:m\d+)?)?", path.name)
     if match is None:
-        raise ValueError(f"{path}: a SentencePiece file name must end in .model or .model.vN "
+        raise InputError(f"{path}: a SentencePiece file name must end in .model or .model.vN "
                          "(e.g. tokenizer.model.v3)")
     version = match.group(1) or "v1"
     if version not in SENTENCEPIECE_VERSIONS:
-        raise ValueError(f"{path}: unknown SentencePiece tokenizer version {version!r}; "
+        raise InputError(f"{path}: unknown SentencePiece tokenizer version {version!r}; "
                          f"expected one of {', '.join(SENTENCEPIECE_VERSIONS)}")
     return version

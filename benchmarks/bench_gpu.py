@@ -30,7 +30,7 @@ import torch._dynamo  # noqa: E402
 
 from checkpoints import REAL_PARAMS, hf_mistral3_config, native_to_hf_mistral3  # noqa: E402
 from generate import Sampling, generate  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from load import build_model, parse_params  # noqa: E402
 
 SMALL_PARAMS = {**REAL_PARAMS, "dim": 128, "n_layers": 6, "hidden_dim": 512, "n_heads": 4, "n_kv_heads": 1,
                 "vision_encoder": {**REAL_PARAMS["vision_encoder"], "hidden_size": 256, "intermediate_size": 1024,
@@ -95,7 +95,7 @@ def copy_bandwidth(device, n_bytes: int) -> float:
 def random_model(params: dict, device) -> Transformer:
     """Our model with random weights made on the device (unit-scale activations, as in the tests)."""
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_params(params))
+        model = build_model(*parse_params(params))
     g = torch.Generator(device).manual_seed(0)
     state = {}
     for name, p in model.state_dict().items():

@@ -106,7 +106,7 @@ def step_bandwidth(params: dict, repeats: int = 5) -> float:
     matrices stream less well than the 1 GiB one: this is what a decoding step could reach here."""
     import torch.nn.functional as F
     from checkpoints import real_text_shapes
-    from model import _column_major
+    from load import _column_major
     device = torch.device("cpu")
     weights = []
     for name, shape in real_text_shapes(params).items():
@@ -140,7 +140,7 @@ def _reset_peak_memory() -> None:
 
 def _prompts(params: dict):
     from checkpoints import IMG_END, image_tokens
-    from vision import image_grid, preprocess_image
+    from images import image_grid, preprocess_image
     from PIL import Image
     g = torch.Generator().manual_seed(0)
     text = torch.randint(1000, params["vocab_size"], (PREFILL_TOKENS,), generator=g).tolist()
@@ -177,7 +177,7 @@ class Clock:
 
 def _ours(folder: Path, dtype):
     from generate import Sampling, generate
-    from model import load_model
+    from load import load_model
     model = load_model(folder / "native", dtype=dtype)
 
     def run(prompt, images, n, clock=None, compile=False):
@@ -214,7 +214,7 @@ def worker(impl: str, folder: Path, name: str, dtype_name: str, threads: int, re
     text, with_image, pixels, tiny = _prompts(params)
     # Imports are not loading: import what each side needs first (the first nn.Module built on the
     # meta device imports torch._dynamo, for either side).
-    for module in ["torch._dynamo", "generate", "model"] + (["transformers"] if impl == "theirs" else []):
+    for module in ["torch._dynamo", "generate", "load"] + (["transformers"] if impl == "theirs" else []):
         importlib.import_module(module)
     _reset_peak_memory()
     before = _memory_gb("VmRSS")

@@ -1,12 +1,15 @@
 """The sampler, the dump and compare tools, the hub download; the command line end to end."""
+import re
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import generate
-from generate import Sampling, compare, filter_probs, sample
+from dump import compare
+from generate import Sampling, filter_probs, sample
+from load import load_model
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -89,44 +92,6 @@ def test_reasoning_split(capsys):
     captured = capsys.readouterr()
     assert captured.err == "\nlet me think"
     assert captured.out == "\nThe answer."
-
-
-# ----------------------------------------------------------------------------- dumps and compare
-
-def fake_dump(path, logits, prompt=(1, 3, 5), generated=(7, 2)):
-    save_file({"prompt_ids": torch.tensor(prompt), "generated_ids": torch.tensor(generated), "logits": logits},
-              str(path))
-
-
-def test_compare_equal_dumps_reports_zero(tmp_path):
-    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
-    fake_dump(tmp_path / "a.safetensors", logits)
-    fake_dump(tmp_path / "b.safetensors", logits.clone())
-    c = compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
-    assert (c.positions, c.max_abs_diff, c.max_kl, c.top1_agreement) == (4, 0.0, 0.0, 1.0)
-    assert c.first_argmax_diff is None and c.first_token_diff is None
-
-
-def test_compare_finds_the_first_differing_position(tmp_path, capsys):
-    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
-    perturbed = logits.clone()
-    perturbed[2, logits[2].argmin()] = 100.0       # a new argmax at position 2
-    perturbed[3] += 1e-3 * torch.randn(50)
-    fake_dump(tmp_path / "a.safetensors", logits)
-    fake_dump(tmp_path / "b.safetensors", perturbed)
-    assert generate.main(["compare", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) == 1
-    out = capsys.readouterr().out
-    assert "first argmax diff   position 2" in out and "top-1 agreement     0.750000" in out
-    c = compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
-    assert c.max_abs_diff > 50 and c.max_kl > 1
-
-
-def test_compare_stops_where_the_tokens_differ(tmp_path):
-    logits = torch.randn(4, 50)
-    fake_dump(tmp_path / "a.safetensors", logits, generated=(7, 2))
-    fake_dump(tmp_path / "b.safetensors", logits, generated=(8, 2))
-    c = compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
-    assert c.first_token_diff == 3 and c.positions == 3
 
 
 # ----------------------------------------------------------------------------- the hub
@@ -287,7 +252,6 @@ def test_prompt_longer_than_the_context_fails_before_any_compute(repo, monkeypat
 
 
 def test_interrupt_stops_cleanly_with_the_text_so_far(repo):
-    from model import load_model
     model = load_model(repo[0])
     seen = []
 
@@ -323,7 +287,6 @@ def test_interactive_keeps_the_conversation(repo, monkeypatch, capsys):
 def test_generate_equals_greedy_over_full_forwards(repo):
     """The loop (last-position logits at prefill, the cache, decode_step) against plain full forwards;
     twice, the second run on the same cache buffers."""
-    from model import load_model
     model = load_model(repo[0])
     prompt = [1, 3, 1000, 1001, 1002, 4]
     seq = list(prompt)
@@ -338,7 +301,6 @@ def test_generate_equals_greedy_over_full_forwards(repo):
 def test_the_decoding_step_is_one_graph(repo):
     """--compile needs decode_step whole, with no host read: no graph break. A generated [IMG] token
     (10) is embedded as it is."""
-    from model import load_model
     model = load_model(repo[0])
     model.setup_cache(1, 8)
     step = torch._dynamo.explain(generate.decode_step)
@@ -350,14 +312,13 @@ def test_the_decoding_step_is_one_graph(repo):
 def test_decoding_reads_the_cache_up_to_the_new_token(repo):
     """An eager step reads the cache up to its own position (length = pos + 1), a compiled one the whole
     cache, masked: the same logits. Negative control: one position short misses the token's own key."""
-    from model import load_model
     model = load_model(repo[0])
     model.setup_cache(1, 40)
     model(torch.tensor([[1, 3, 1000, 1001, 1002, 4]]), input_pos=torch.arange(6))
     token, pos = torch.tensor([[1003]]), torch.tensor([6])
     whole = generate.decode_step(model, token, pos)
-    read_to_token = generate.decode_step(model, token, pos, length=7)
-    one_short = generate.decode_step(model, token, pos, length=6)
+    read_to_token = generate.decode_step(model, token, pos, kv_len=7)
+    one_short = generate.decode_step(model, token, pos, kv_len=6)
     diff = (read_to_token - whole).abs().max().item()
     control = (one_short - whole).abs().max().item()
     print(f"length 7 vs whole cache: {diff:.2e}; length 6: {control:.2e}")
@@ -374,3 +335,54 @@ def test_hugging_face_layout_folder(repo, oracle, tmp_path, capsys):
     native = capsys.readouterr().out
     assert generate.main(["--model", str(tmp_path)] + args) == 0
     assert capsys.readouterr().out == native
+
+
+def test_a_prompt_that_reads_compare_is_a_prompt(repo, capsys):
+    assert generate.main(["--model", str(repo[0]), "--temperature", "0", "--max-tokens", "2", "--dtype", "float32",
+                          "compare"]) == 0
+    assert "prompt tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile", "--dump", "x.safetensors"], "--compile and --dump cannot be combined"),
+    (["--max-tokens", "0"], "--max-tokens 0: expected at least 1"),
+    (["--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature nan: expected a finite number >= 0"),
+    (["--top-p", "0"], r"--top-p 0.0: expected a number in \(0, 1\]"),
+    (["--top-k", "-2"], "--top-k -2: expected 0"),
+    (["--dump-hidden"], "--dump-hidden needs --dump FILE"),
+])
+def test_flags_refused_before_loading(repo, monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(generate, "Session", lambda *a, **k: pytest.fail("the session was made"))
+    with pytest.raises(SystemExit) as exit:
+        generate.main(["--model", str(repo[0])] + flags + ["hi"])
+    assert exit.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_tokenizer_and_params_must_agree_on_images(repo, tmp_path, capsys):
+    for path in repo[0].iterdir():
+        shutil.copy(path, tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    params["vision_encoder"]["image_token_id"] = 11
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert generate.main(["--model", str(tmp_path), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "the tokenizer and" in err and "disagree on the [IMG] id: 10 in the tokenizer, 11" in err
+
+
+def test_a_bug_keeps_its_traceback(repo, monkeypatch):
+    """Only bad input becomes a one-line error: a ValueError from a bug is not swallowed."""
+    def broken(*args, **kwargs):
+        raise ValueError("a bug deep inside")
+    monkeypatch.setattr(generate, "encode_chat", broken)
+    with pytest.raises(ValueError, match="a bug deep inside"):
+        generate.main(["--model", str(repo[0]), "--max-tokens", "2", "hi"])
+
+
+def test_session_from_python(repo):
+    session = generate.Session(str(repo[0]), device="cpu", dtype="float32")
+    reply = session.answer([{"role": "user", "content": "Hello"}], sampling=Sampling(0.0, max_tokens=3))
+    assert len(reply.ids) == 3 and reply.stats.generated_tokens == 3
+    again = session.answer([{"role": "user", "content": "Hello"}], sampling=Sampling(0.0, max_tokens=3))
+    assert again.ids == reply.ids and again.prompt_ids == reply.prompt_ids

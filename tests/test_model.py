@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import load
 import model as model_module
 from checkpoints import (REAL_TEXT_PARAMS, TINY_PARAMS, forward_in_chunks, hf_text_model, native_to_hf_text,
                          real_text_shapes, write_native)
-from model import ModelArgs, Transformer, load_model
+from load import build_model, load_model, parse_params
 
 TOL = 1e-4
 LENGTHS = (1, 7, 64)
@@ -91,8 +92,8 @@ def test_negative_control_wk_permuted_with_query_heads(native, ours):
 @torch.no_grad()
 def test_negative_control_loader_unpermutes_wk_with_query_heads(native, ours, theirs, tmp_path, monkeypatch):
     theirs.save_pretrained(tmp_path)
-    real = model_module.unpermute_rotary
-    monkeypatch.setattr(model_module, "unpermute_rotary", lambda w, n: real(w, TINY_PARAMS["n_heads"]))
+    real = load.unpermute_rotary
+    monkeypatch.setattr(load, "unpermute_rotary", lambda w, n: real(w, TINY_PARAMS["n_heads"]))
     toks = tokens(2, 16)
     assert max_diff(load_model(tmp_path)(toks), ours(toks)) > 100 * TOL
 
@@ -149,9 +150,9 @@ def test_tall_float32_matrices_are_held_column_major(native, ours):
 
 
 def test_real_configuration_on_meta_device():
-    args = ModelArgs.from_params(REAL_TEXT_PARAMS)
+    args, vision = parse_params(REAL_TEXT_PARAMS)
     with torch.device("meta"):
-        m = Transformer(args)
+        m = build_model(args, vision)
     assert sum(p.numel() for p in m.parameters()) == 23_572_403_200
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes == real_text_shapes()
@@ -266,3 +267,13 @@ def test_last_only_logits_are_the_last_position(ours):
     last = ours(toks, last_only=True)
     assert last.shape == (2, 1, TINY_PARAMS["vocab_size"])
     assert max_diff(last, ours(toks)[:, -1:]) <= 1e-5
+
+
+def test_hf_config_without_head_dim_is_refused(ours, theirs, tmp_path):
+    """transformers would take dim / n_heads (6 here, 160 for the real model): wrong for this model."""
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["head_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: missing required field\(s\) \['head_dim'\]"):
+        load_model(tmp_path)

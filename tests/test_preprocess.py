@@ -20,8 +20,8 @@ from PIL import Image
 from mistral_common.protocol.instruct.chunk import ImageChunk
 from mistral_common.tokens.tokenizers.image import ImageConfig, ImageEncoder, SpecialImageIDs
 
-import vision
-from vision import image_grid, load_image, preprocess_image
+import images
+from images import image_grid, load_image, preprocess_image
 
 TOLERANCE = 2e-3  # normalized units; one uint8 step is 1 / 255 / 0.27 = 0.0146
 IMG, IMG_BREAK, IMG_END = 10, 12, 13
@@ -219,7 +219,7 @@ def test_wrong_preprocessing_is_caught(monkeypatch, name, replacement, case):
     image = make_image(*case)
     _, expected = reference(image)
     assert max_diff(preprocess_image(image), expected) <= TOLERANCE
-    monkeypatch.setattr(vision, name, replacement)
+    monkeypatch.setattr(images, name, replacement)
     assert max_diff(preprocess_image(image), expected) > TOLERANCE
 
 

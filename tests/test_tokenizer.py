@@ -270,7 +270,7 @@ def test_control_token_lookalikes_encode_as_text(pair):
 
 
 def test_small_31_example(v7):
-    """The published ids of `[INST]Hello, how are you?[/INST]` for Mistral Small 3.1 (FACTS.md)."""
+    """The published ids of `[INST]Hello, how are you?[/INST]` for Mistral Small 3.1 (MODEL.md)."""
     ids = [v7.bos_id, v7.special_id("[INST]"), *v7.encode("Hello, how are you?"), v7.special_id("[/INST]")]
     assert ids == [1, 3, 22177, 1044, 2606, 1584, 1636, 1063, 4]
     assert v7.encode("[INST]") == [1091, 3174, 3074, 1093]
@@ -437,7 +437,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         Tokenizer.from_file(tmp_path / "nowhere.json")
     (tmp_path / "broken.json").write_text('{"config": ', encoding="utf-8")
-    with pytest.raises(ValueError, match="broken.json: not a JSON file"):
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
         Tokenizer.from_file(tmp_path / "broken.json")
     for not_tekken in [{"hello": "world"}, [1, 2, 3]]:
         with pytest.raises(ValueError, match="other.json: not a Tekken file"):

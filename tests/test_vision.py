@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import load
 import model as model_module
 import vision
 from checkpoints import (REAL_PARAMS, TINY_PARAMS, TINY_VISION_PARAMS, forward_in_chunks, hf_mistral3_model,
                          hf_pixels, image_tokens, real_text_shapes, real_vision_shapes, write_native)
-from model import ModelArgs, Transformer, load_model
+from load import build_model, load_model, parse_params
 
 TOL = 1e-4
 BOS, EOS, INST, END_INST = 1, 2, 3, 4
@@ -167,12 +168,11 @@ def _images_see_each_other(ours, monkeypatch):
 
     def forward(images):
         patches = [enc.patch_conv(image[None])[0] for image in images]
-        grids = [tuple(p.shape[1:]) for p in patches]
+        patch_grids = [tuple(p.shape[1:]) for p in patches]
         x = enc.ln_pre(torch.cat([p.flatten(1).T for p in patches]))
-        head_dim = enc.args.hidden_size // enc.args.num_attention_heads
-        tables = [vision.rope_2d(h, w, head_dim, enc.args.rope_theta, x.device) for h, w in grids]
+        tables = [vision.rope_2d(h, w, enc.args.head_dim, enc.args.rope_theta, x.device) for h, w in patch_grids]
         cos, sin = (torch.cat(t) for t in zip(*tables))
-        return enc.transformer(x[None], cos, sin)[0], grids
+        return enc.transformer(x[None], cos, sin)[0], patch_grids
     monkeypatch.setattr(enc, "forward", forward)
 
 
@@ -250,8 +250,8 @@ def test_hf_layout_equals_native(hf_folder, ours):
             "language_model.lm_head.weight"} <= keys
     from_hf = load_model(hf_folder)
     # config.json has no [IMG_BREAK] / [IMG_END] ids, which the model does not use
-    assert from_hf.args == replace(ours.args, vision=replace(ours.args.vision, image_break_token_id=None,
-                                                             image_end_token_id=None))
+    assert from_hf.args == ours.args
+    assert from_hf.vision_args == replace(ours.vision_args, image_break_token_id=None, image_end_token_id=None)
     tokens, images = CASES["images in two turns"]
     diff = max_diff(from_hf(tokens, images=images), ours(tokens, images=images))
     print(f"Hugging Face layout (official key names) vs native: max abs diff {diff:.2e}")
@@ -271,8 +271,8 @@ def test_hf_layout_newer_key_names(hf_folder, ours, theirs, tmp_path):
 
 @torch.no_grad()
 def test_negative_control_loader_keeps_vision_qk_rotate_half(hf_folder, ours, monkeypatch):
-    real = model_module.unpermute_rotary
-    monkeypatch.setattr(model_module, "unpermute_rotary", lambda w, n: w if n == VISION_HEADS else real(w, n))
+    real = load.unpermute_rotary
+    monkeypatch.setattr(load, "unpermute_rotary", lambda w, n: w if n == VISION_HEADS else real(w, n))
     tokens, images = TWO_IMAGES
     diff = max_diff(load_model(hf_folder)(tokens, images=images), ours(tokens, images=images))
     print(f"loader without the vision un-permutation: max abs diff {diff:.2e}")
@@ -293,7 +293,7 @@ def test_hf_config_with_gelu_tower(hf_folder, tmp_path):
 
 def test_real_configuration_on_meta_device():
     with torch.device("meta"):
-        m = Transformer(ModelArgs.from_params(REAL_PARAMS))
+        m = build_model(*parse_params(REAL_PARAMS))
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes == real_text_shapes() | real_vision_shapes()
     assert len(shapes) == 585
