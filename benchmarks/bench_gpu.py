@@ -31,6 +31,7 @@ import torch._dynamo  # noqa: E402
 from checkpoints import REAL_PARAMS, hf_mistral3_config, native_to_hf_mistral3  # noqa: E402
 from generate import Sampling, generate  # noqa: E402
 from load import build_model, parse_params  # noqa: E402
+from model import Transformer  # noqa: E402
 
 SMALL_PARAMS = {**REAL_PARAMS, "dim": 128, "n_layers": 6, "hidden_dim": 512, "n_heads": 4, "n_kv_heads": 1,
                 "vision_encoder": {**REAL_PARAMS["vision_encoder"], "hidden_size": 256, "intermediate_size": 1024,
