@@ -402,7 +402,7 @@ def test_layouts_differ_between_versions(tekken, media):
 
 
 def test_layout_details_v11(tekken):
-    """The worked v11 example of MODEL.md, spelled out in special-token names."""
+    """The worked v11 example of chat.py's docstring, spelled out in special-token names."""
     ours = tekken["v11"][0]
     messages, tools = CORPUS["tool_full_round"]
     text_ = ours.decode(encode_chat(ours, messages, tools)[0], special="keep")
