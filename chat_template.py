@@ -43,7 +43,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
-from chat import VERSIONS, encode_chat
+from chat import VERSIONS, encode_chat, optional_special
 from tokenizer import BUILTIN_SPECIALS, Tokenizer
 
 FIXED_NOW = datetime(2025, 6, 20, 12, 0)  # what strftime_now sees, so a template's date never varies
@@ -341,16 +341,9 @@ def encode_rendered(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def optional_id(tokenizer, name: str) -> int | None:
-    try:
-        return tokenizer.special_id(name)
-    except ValueError:
-        return None
-
-
 def collapse_images(tokenizer, ids: list[int]) -> list[int]:
     """Each image's run [IMG]...[IMG_BREAK]...[IMG_END] becomes one [IMG]; a lone [IMG] stays as it is."""
-    img, brk, end = (optional_id(tokenizer, name) for name in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
+    img, brk, end = (optional_special(tokenizer, name) for name in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
     out, i = [], 0
     while i < len(ids):
         j = i  # the end of the [IMG]/[IMG_BREAK] run starting at i
@@ -541,8 +534,8 @@ def diagnose(tokenizer, messages: list[dict], expected: list[int], got: list[int
         return f"the [AVAILABLE_TOOLS] block is misplaced (it goes right before {where} user message)"
     if "[IMG]" in tokens:
         return "the image is misplaced (a message's text-then-image is written image first)"
-    inst = optional_id(tokenizer, "[INST]")
-    if any(a == b == "user" for a, b in zip(roles, roles[1:])) and got.count(inst) > expected.count(inst):
+    inst = optional_special(tokenizer, "[INST]")
+    if consecutive_users(roles) and got.count(inst) > expected.count(inst):
         return "consecutive user messages are not joined into one [INST] (their texts join with a blank line)"
     if "<s>" in tokens:
         return "the prompt must start with exactly one <s>"
@@ -561,13 +554,17 @@ def diagnose(tokenizer, messages: list[dict], expected: list[int], got: list[int
 
 def diagnose_error(messages: list[dict], error: str) -> str | None:
     roles = [message["role"] for message in messages]
-    if "alternate" in error and any(a == b == "user" for a, b in zip(roles, roles[1:])):
+    if "alternate" in error and consecutive_users(roles):
         return "the template refuses consecutive user messages (the official prompt joins them)"
     if "no attribute 'content'" in error and any(m.get("tool_calls") and m.get("content") is None for m in messages):
         return "the template needs content in an assistant message that only calls tools (clients send none)"
     if "'str object' has no attribute" in error:
         return "the template reads a string content as a list of parts"
     return None
+
+
+def consecutive_users(roles: list[str]) -> bool:
+    return any(a == b == "user" for a, b in zip(roles, roles[1:]))
 
 
 def system_prompt_change(want: str, have: str) -> str:
@@ -594,7 +591,7 @@ def tool_call_layout(version: str, have: str) -> str:
 
 def section(tokenizer, ids: list[int], index: int) -> str | None:
     """The control token that opens the part of the prompt holding position `index` (images skipped)."""
-    skipped = {optional_id(tokenizer, name) for name in ("[IMG]", "[IMG_BREAK]", "[IMG_END]")}
+    skipped = {optional_special(tokenizer, name) for name in ("[IMG]", "[IMG_BREAK]", "[IMG_END]")}
     opener = next((i for i in reversed(ids[:index]) if tokenizer.is_special(i) and i not in skipped), None)
     return None if opener is None else tokenizer.special_name(opener)
 
