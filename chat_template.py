@@ -44,6 +44,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
 from chat import VERSIONS, encode_chat, optional_special
+from inputs import InputError, MissingFileError, read_json
 from tokenizer import BUILTIN_SPECIALS, Tokenizer
 
 FIXED_NOW = datetime(2025, 6, 20, 12, 0)  # what strftime_now sees, so a template's date never varies
@@ -52,17 +53,13 @@ CONTEXT = 12  # tokens shown on each side of a difference
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continue_final_message
 
 
-class InputError(ValueError):
-    """Bad input: a missing or malformed template or tokenizer file. The message names the file."""
-
-
 # ---------------------------------------------------------------------------------------- reading templates
 
 def read_template(path) -> str:
     """The chat template in a .jinja file, a tokenizer_config.json or chat_template.json, or a GGUF file."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"template file not found: {path}")
+        raise MissingFileError(f"template file not found: {path}")
     with open(path, "rb") as f:
         is_gguf = f.read(4) == b"GGUF"
     if is_gguf or path.suffix == ".gguf":
@@ -84,10 +81,7 @@ def read_template(path) -> str:
 def json_template(path: Path) -> str:
     """`chat_template` of a tokenizer_config.json or chat_template.json: a string, or a list of named
     templates (older tokenizer_config.json files) of which transformers uses "default"."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # invalid JSON or invalid UTF-8
-        raise InputError(f"{path}: not a JSON file ({e})") from None
+    data = read_json(path)
     template = data.get("chat_template") if isinstance(data, dict) else None
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -190,11 +184,8 @@ def tokenizer_file(spec) -> Tokenizer:
     path = Path(spec)
     path = path / "tekken.json" if path.is_dir() else path
     if not path.is_file():
-        raise InputError(f"tokenizer not found: {spec} (give a tekken.json or one of {', '.join(VERSIONS)})")
-    try:
-        return Tokenizer.from_file(path)
-    except ValueError as e:  # tokenizer.py's errors already name the file
-        raise InputError(str(e)) from None
+        raise MissingFileError(f"tokenizer not found: {spec} (give a tekken.json or one of {', '.join(VERSIONS)})")
+    return Tokenizer.from_file(path)   # its errors name the file
 
 
 @lru_cache(maxsize=None)

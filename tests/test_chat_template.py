@@ -19,8 +19,9 @@ import transformers.utils.chat_template_utils as hf_chat
 from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
 import chat_template
-from chat_template import (InputError, check_chat_template, collapse_images, compile_template, encode_rendered,
+from chat_template import (check_chat_template, collapse_images, compile_template, encode_rendered,
                            read_gguf_metadata, read_template, render_conversation, shipped_tokenizer, suite)
+from inputs import InputError
 from tekken_files import write_tekken
 from tokenizer import Tokenizer
 
@@ -400,7 +401,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return {
         "missing": (tmp_path / "nothing.jinja", "not found"),
         "json_without_key": (write("tokenizer_config.json", '{"bos_token": "<s>"}'), "chat_template"),
-        "invalid_json": (write("broken.json", '{"chat_template": '), "not a JSON file"),
+        "invalid_json": (write("broken.json", '{"chat_template": '), "not valid JSON"),
         "empty": (write("empty.jinja", " \n"), "empty"),
         "not_utf8": (write("latin1.jinja", b"\xff\xfe{{ x }}"), "UTF-8"),
         "truncated_gguf": (write("truncated.gguf", good[:len(good) // 2]), "truncated"),
