@@ -4,6 +4,7 @@
     python generate.py --image photo.png "What should I do here?"
     python generate.py --messages chat.json --tools tools.json
     python generate.py --temperature 0 --dump out.safetensors "Hello"    # then: python dump.py compare ...
+    torchrun --nproc_per_node=2 generate.py "Hello"                      # split over 2 GPUs (parallel.py)
 
 The loop: encode the conversation (chat.py), prefill the prompt once, then sample one token per step
 through the KV cache until </s> or the token limit, streaming the text as it comes. The sampler and
@@ -28,6 +29,7 @@ from chat import AssistantOutput, encode_chat, load_system_prompt, parse_output
 from dump import Recorder, write_dump
 from inputs import InputError, MissingFileError, read_json
 from load import load_model, read_checkpoint
+from parallel import check_split, close, is_lead, launched, mesh_from_env
 from tokenizer import Tokenizer
 from vision import check_tokenizer
 
@@ -299,7 +301,9 @@ class Session:
 
     model: a local folder or a hub id; dtype: "bfloat16", "float16" or "float32"; compile: the decoding
     step through torch.compile. The weights are loaded with the first answer, once its prompt is known
-    to fit the context; sampling defaults come from the model card (see `sampling`)."""
+    to fit the context; sampling defaults come from the model card (see `sampling`).
+    Under torchrun every rank makes its Session and asks it the same questions: the model is split
+    over the ranks (parallel.py), each on its own GPU, and every rank gets the same reply."""
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "bfloat16",
                  compile: bool = False):
@@ -314,7 +318,10 @@ class Session:
         self.context = self.checkpoint.args.max_position_embeddings
         self.sampling = card_defaults(self.name)
         self.reasoning = is_reasoning_model(self.name)
-        self.device, self.dtype, self.compile = pick_device(device), DTYPES[dtype], compile
+        self.mesh, self.device = mesh_from_env(pick_device(device))
+        if self.mesh is not None:
+            check_split(self.checkpoint.args, self.mesh.size())
+        self.dtype, self.compile = DTYPES[dtype], compile
         self.model = None
 
     def answer(self, messages: list[dict], tools: list | None = None, sampling: Sampling | None = None,
@@ -329,7 +336,7 @@ class Session:
         sampling = sampling or self.sampling
         max_tokens = min(sampling.max_tokens or room, room)
         if self.model is None:
-            self.model = load_model(self.folder, device=self.device, dtype=self.dtype)
+            self.model = load_model(self.folder, device=self.device, dtype=self.dtype, mesh=self.mesh)
         images = [im.to(self.device, self.model.output.weight.dtype) for im in images]
         out, stats = generate(self.model, ids, images, max_tokens, sampling, {self.tokenizer.eos_id},
                               on_token=on_token, seed=seed, recorder=recorder, compile=self.compile)
@@ -384,6 +391,9 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--compile and --dump cannot be combined: a dump holds the logits of the eager code")
     if args.dump_hidden and not args.dump:
         parser.error("--dump-hidden needs --dump FILE")
+    if launched() and (args.interactive or args.prompt is None and not args.messages):
+        parser.error("under torchrun, give the prompt as an argument or with --messages: every process would "
+                     "read standard input (-i, or no prompt) for itself")
 
 
 def flag_sampling(args, card: Sampling) -> Sampling:
@@ -426,10 +436,14 @@ def user_message(text: str, images: list[str]) -> dict:
 
 def respond(session: Session, messages: list[dict], tools, args) -> AssistantOutput:
     """Answer on the terminal: the text streamed (Magistral's reasoning to stderr), tool calls as
-    JSON, the stats line; and the dump, if asked for."""
+    JSON, the stats line; and the dump, if asked for. Under torchrun only rank 0 prints and writes;
+    every rank records, so that all run the same computation."""
     stream = TextStream(session.tokenizer, write=ReasoningSplit() if session.reasoning else None)
     recorder = Recorder(args.dump_hidden) if args.dump else None
-    reply = session.answer(messages, tools, seed=args.seed, on_token=stream, recorder=recorder)
+    reply = session.answer(messages, tools, seed=args.seed, on_token=stream if is_lead() else None,
+                           recorder=recorder)
+    if not is_lead():
+        return reply.output
     stream.flush()
     print(flush=True)
     if reply.output.tool_calls:
@@ -474,9 +488,13 @@ def main(argv: list[str] | None = None) -> int:
             respond(session, messages, tools, args)
         return 0
     except InputError as e:   # bad input: one line; anything else is a bug and keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+        if is_lead():         # every rank meets the same bad input
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        close()   # the process group, under torchrun

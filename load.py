@@ -9,6 +9,8 @@ Two layouts of the same weights are read:
   permuted for rotate-half RoPE, which the loader undoes.
 The model is built on the meta device (no memory); each tensor is then memory-mapped, checked
 against the shape the configuration implies, converted and placed one at a time, and assigned.
+Under tensor parallel (parallel.py) the meta model is split first, and each rank copies out of the
+map only its own slice of each split weight.
 """
 import re
 import warnings
@@ -17,9 +19,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch.distributed.device_mesh import DeviceMesh
 
 from inputs import InputError, MissingFileError, read_json
 from model import ModelArgs, Transformer
+from parallel import as_shard, parallelize, shard_region
 from vision import VisionArgs, VisionLanguageModel
 
 
@@ -175,17 +179,17 @@ def build_model(args: ModelArgs, vision: VisionArgs | None = None) -> Transforme
     return Transformer(args) if vision is None else VisionLanguageModel(args, vision)
 
 
-def _rotary_heads(name: str, checkpoint: Checkpoint) -> int:
-    """The head count of the Hugging Face permutation of wq / wk `name` (the vision tower has no GQA:
-    its wk is permuted by its query heads)."""
-    if name.startswith("vision_encoder."):
-        return checkpoint.vision.num_attention_heads
-    return checkpoint.args.n_heads if ".wq." in name else checkpoint.args.n_kv_heads
+def _rotary_heads(name: str, rows: int, checkpoint: Checkpoint) -> int:
+    """The head count of `rows` rows of wq / wk `name` (all of them, or a rank's whole heads): the
+    Hugging Face permutation is per head of head_dim rows."""
+    head_dim = checkpoint.vision.head_dim if name.startswith("vision_encoder.") else checkpoint.args.head_dim
+    return rows // head_dim
 
 
 def _read_tensors(checkpoint: Checkpoint, expected: dict, dtype, device) -> dict:
     """Read every tensor, renamed and un-permuted to the native layout, checked against `expected`
-    (name -> shape), cast to dtype and placed on device one at a time."""
+    (name -> the model's tensor on the meta device: its shape and, split by parallel.py, the slice
+    that this rank holds), cast to dtype and placed on device one at a time."""
     state, layout, files = {}, checkpoint.layout, checkpoint.files
     for path in files:
         try:
@@ -196,11 +200,19 @@ def _read_tensors(checkpoint: Checkpoint, expected: dict, dtype, device) -> dict
                 if name not in expected:
                     raise InputError(f"{path}: unexpected tensor {key!r}: the model that the folder's "
                                      f"config describes has no such weight")
-                t = _mapped_tensor(path, key)
-                if tuple(t.shape) != expected[name]:
+                t, like = _mapped_tensor(path, key), expected[name]
+                if t.shape != like.shape:
                     raise InputError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                     f"expected {expected[name]}")
-                state[name] = _place(t, name, checkpoint, dtype, device)
+                                     f"expected {tuple(like.shape)}")
+                region = shard_region(like)
+                if region is None:
+                    state[name] = _place(t, name, checkpoint, dtype, device)
+                else:
+                    # Only the slice's pages are read (all of them for a column slice, then unmapped);
+                    # the copy gives the shard memory of its own, not a view into the whole tensor's map.
+                    dim, start, length = region
+                    state[name] = as_shard(_place(t.narrow(dim, start, length).clone(), name, checkpoint,
+                                                  dtype, device), like)
                 del t   # unmaps a converted tensor's pages now
         except SafetensorError as e:
             raise InputError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
@@ -219,10 +231,11 @@ def _mapped_tensor(path: Path, key: str) -> torch.Tensor:
 
 
 def _place(t: torch.Tensor, name: str, checkpoint: Checkpoint, dtype, device) -> torch.Tensor:
-    """A tensor as the model holds it: native row order, on device, in dtype. Tensors used as stored
-    (same dtype, on the CPU, row-major) stay mapped: never copied."""
+    """A tensor (or a rank's slice of whole heads) as the model holds it: native row order, on device,
+    in dtype. Tensors used as stored (same dtype, on the CPU, row-major) stay mapped: never copied."""
     if checkpoint.layout == "hf" and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-        t = unpermute_rotary(t, _rotary_heads(name, checkpoint))
+        # Within each head: the rows of whole heads, un-permuted, are those heads' native rows.
+        t = unpermute_rotary(t, _rotary_heads(name, t.shape[0], checkpoint))
     t = t.to(device=device, dtype=dtype or t.dtype)
     if _column_major(name, t.shape, t.dtype, t.device):
         t = t.t().contiguous().t()   # the same [out, in] matrix, its columns contiguous
@@ -239,9 +252,10 @@ def _column_major(name: str, shape: torch.Size, dtype, device: torch.device) -> 
             and name != "tok_embeddings.weight")
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
+def load_model(path, device="cpu", dtype: torch.dtype | None = None, mesh: DeviceMesh | None = None) -> Transformer:
     """Load an official checkpoint folder (params.json + consolidated*.safetensors, or the Hugging
-    Face layout config.json + model-*.safetensors). dtype None keeps the stored dtype (bf16)."""
+    Face layout config.json + model-*.safetensors). dtype None keeps the stored dtype (bf16).
+    mesh: split the text blocks over its ranks (parallel.py; parallel.mesh_from_env makes it)."""
     folder = Path(path)
     if not folder.is_dir():
         raise MissingFileError(f"{folder}: no such model folder")
@@ -250,7 +264,8 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Transfor
     # the weights are held once.
     with torch.device("meta"):
         model = build_model(checkpoint.args, checkpoint.vision)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    state = _read_tensors(checkpoint, expected, dtype, device)
+    if mesh is not None:
+        parallelize(model, mesh)   # still on meta: the split weights become DTensors of their slices
+    state = _read_tensors(checkpoint, model.state_dict(), dtype, device)
     model.load_state_dict(state, assign=True)
     return model.eval()

@@ -68,6 +68,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def local_rows(w: torch.Tensor) -> int:
+    """The rows of weight w that this process holds: all of them, or, for a weight split by rows
+    over several processes (a DTensor, see parallel.py, whose .shape is the whole), its own."""
+    return w.to_local().shape[0] if hasattr(w, "to_local") else w.shape[0]
+
+
 class KVCache(nn.Module):
     """Keys and values of one layer for [B, K, T] positions, written in place at the given positions."""
 
@@ -240,7 +246,9 @@ class Transformer(nn.Module):
             # is never read: a position attends to positions up to its own, all written before it.
             return
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
+            # The kv heads this process computes: all of them, or its share under tensor parallel.
+            n_kv_heads = local_rows(layer.attention.wk.weight) // self.args.head_dim
+            layer.attention.cache = KVCache(batch_size, max_seq_len, n_kv_heads, self.args.head_dim,
                                             w.dtype, w.device)
         # Buffers, not plain attributes: a CUDA graph reads buffers in place, other inputs it copies.
         positions = torch.arange(max_seq_len, device=w.device)                                # [T]
