@@ -157,7 +157,6 @@ class TokenIds:
 @dataclass
 class Position:
     server_id: int
-    server_top: dict[int, float]    # id -> the server's logprob, its top-k
     reference_top1: int
     rank: int                       # of the server's token under the reference (0: its top-1)
     server_logprob_ref: float       # the reference's logprob of the server's token
@@ -180,7 +179,8 @@ def reference_logprobs(model, prompt: list[int], images: list, generated: list[i
 
 
 def compare_position(server_id: int, server_top: dict[int, float], ref: torch.Tensor) -> Position:
-    """One generated position: ref [V] the reference's log-distribution."""
+    """One generated position: server_top maps ids to the server's logprobs (its top-k and its token),
+    ref [V] is the reference's log-distribution."""
     ids = list(server_top)
     p = torch.tensor([math.exp(server_top[i]) for i in ids], dtype=torch.float64)
     q = ref[ids].exp()
@@ -188,8 +188,8 @@ def compare_position(server_id: int, server_top: dict[int, float], ref: torch.Te
     kl = (p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log())).sum().item()
     kl += p_tail * math.log(p_tail / q_tail) if p_tail > 0 else 0.0
     top1 = int(ref.argmax())
-    return Position(server_id, server_top, top1, int((ref > ref[server_id]).sum()), ref[server_id].item(),
-                    ref[top1].item(), max(kl, 0.0))
+    return Position(server_id, top1, int((ref > ref[server_id]).sum()), ref[server_id].item(), ref[top1].item(),
+                    max(kl, 0.0))
 
 
 def run(args) -> int:

@@ -223,14 +223,14 @@ class Answer:
 
     def finish(self, reply: Reply) -> Final:
         """The answer once generation has ended: the text left, the tool calls, why it ended."""
-        if not self.stopped and not self.in_calls:
-            self.decoder.flush()             # an incomplete UTF-8 character at the very end
+        if not self.stopped:
+            self.decoder.flush()             # an incomplete UTF-8 character at the end of the text
         calls = parse_output(self.tokenizer, reply.ids).tool_calls if self.in_calls else []
         self.text += "".join(call.raw_arguments for call in calls if not call.name)   # unreadable calls: as text
         self.events.put(("delta", self.unsent(), []))
         calls = [tool_call(call) for call in calls if call.name]
         ended = self.stopped or reply.ids[-1] == self.tokenizer.eos_id
-        finish = "tool_calls" if calls else "stop" if ended else "length"
+        finish = "length" if not ended else "tool_calls" if calls else "stop"
         usage = {"prompt_tokens": len(reply.prompt_ids), "completion_tokens": len(reply.ids),
                  "total_tokens": len(reply.prompt_ids) + len(reply.ids)}
         return Final(self.text, calls, finish, usage, self.logprobs)
@@ -250,11 +250,13 @@ def tool_call(call: ToolCall) -> dict:
 
 @dataclass
 class Job:
+    """An encoded request for the model thread. It answers on `events`: ("delta", text, logprobs) per
+    token, then ("done", Final), or ("error", exception) at any point."""
     ids: list[int]
     images: list[torch.Tensor]
     request: Request
-    events: queue.Queue = field(default_factory=queue.Queue)   # ("delta", text, logprobs) ... ("done", Final)
-    cancelled: threading.Event = field(default_factory=threading.Event)  # or ("error", exception)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)   # set when the client is gone
 
     def run(self, session: Session):
         try:
@@ -290,10 +292,11 @@ class ModelThread:
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, session: Session, model_id: str, limits: Limits = Limits(), host: str = "127.0.0.1",
+    def __init__(self, session: Session, model_id: str, limits: Limits | None = None, host: str = "127.0.0.1",
                  port: int = 8000, default_seed: int | None = None):
         super().__init__((host, port), Handler)
-        self.session, self.model_id, self.limits, self.default_seed = session, model_id, limits, default_seed
+        self.session, self.model_id, self.default_seed = session, model_id, default_seed
+        self.limits = limits or Limits()
         self.created = int(time.time())
         self.model_thread = ModelThread(session)
 

@@ -72,7 +72,7 @@ def session(repo):
 
 
 @contextmanager
-def serving(session, limits: Limits = Limits()):
+def serving(session, limits: Limits | None = None):
     """A server on a free port, in a thread; its base URL (http://127.0.0.1:PORT)."""
     server = serve.Server(session, MODEL_ID, limits, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -384,6 +384,13 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(client, url, rep
         assert message in reply["error"]["message"], (what, reply)
         assert reply["error"]["type"] == "invalid_request_error"
         assert hello(client, max_tokens=1).choices[0].finish_reason == "length", what   # still serving
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:    # a body without a length
+        sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        received = b"".join(iter(lambda: sock.recv(65536), b""))    # the server closes the connection
+        head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 411") and b"needs a Content-Length" in body
+    table.append(f"{'a chunked body (no Content-Length)':40} 411  {json.loads(body)['error']['message']}")
     print("\n" + "\n".join(table))
     with pytest.raises(openai.BadRequestError) as refused:       # as the openai client reports it
         hello(client, temperature=-1)
