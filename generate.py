@@ -323,7 +323,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="compile the decoding step with torch.compile (one "
                                                           "CUDA graph on a GPU): faster decoding after a slow "
-                                                          "first answer; not with --dump")
+                                                          "first answer")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive", "-i", action="store_true", help="multi-turn chat; '/image PATH' attaches "
                                                                      "an image to the next message")
     add_sampling_flags(p)
-    p.add_argument("--dump", help="write prompt ids, generated ids and float32 logits to this .safetensors")
+    p.add_argument("--dump", help="write prompt ids, generated ids and float32 logits to this .safetensors "
+                                  "(not with --compile)")
     p.add_argument("--dump-hidden", action="store_true", help="with --dump: also each block's hidden state "
                                                               "and the vision features")
     return p

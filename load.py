@@ -9,6 +9,7 @@ Two layouts of the same weights are read:
   permuted for rotate-half RoPE, which the loader undoes.
 The model is built on the meta device (no memory); each tensor is then memory-mapped, checked
 against the shape the configuration implies, converted and placed one at a time, and assigned.
+Finding the files: resolve_model (a local folder, or a hub id downloaded once), tokenizer_file, pick_device.
 """
 import re
 import warnings

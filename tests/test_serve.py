@@ -31,7 +31,8 @@ import generate
 import serve
 from chat import encode_chat
 from checkpoints import TINY_VISION_PARAMS, write_native
-from compare_server import compare_position
+from compare_server import TokenIds, compare_position
+from inputs import InputError
 from load import load_model
 from serve import Limits
 from tekken_files import write_tekken
@@ -487,13 +488,14 @@ def server_process(repo, tmp_path):
         assert found, (tmp_path / "server.log").read_text()
         yield found.group(1), proc.pid
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)      # Ctrl-C: the server closes and exits 0
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+    assert proc.returncode == 0, (tmp_path / "server.log").read_text()[-2000:]
 
 
 def test_eight_clients_fifty_requests(repo, tmp_path):
@@ -532,6 +534,17 @@ def test_kl_estimate_is_a_lower_bound():
     estimate = compare_position(int(p.argmax()), top, q).kl
     assert 0 < estimate <= exact
     assert compare_position(int(p.argmax()), top, p).kl == pytest.approx(0, abs=1e-12)
+
+
+def test_token_ids_as_servers_name_them(session):
+    tok, token_id = session.tokenizer, TokenIds(session.tokenizer)
+    paris = tok.encode(" Paris")[0]
+    assert token_id({"token": f"token_id:{paris}"}) == paris                      # vLLM, serve.py
+    assert token_id({"id": paris, "token": " Paris"}) == paris                    # llama-server
+    assert token_id({"token": " Paris", "bytes": list(b" Paris")}) == paris       # the bytes looked up
+    assert token_id({"token": "</s>", "bytes": list(b"</s>")}) == tok.eos_id
+    with pytest.raises(InputError, match="not a token of the reference's vocabulary"):
+        token_id({"token": "x", "bytes": [0xff, 0xfe, 0xfd, 0xfc, 0xfb, 0xfa, 0xf9]})
 
 
 def test_compare_server_on_the_same_weights(url, repo, capsys):
