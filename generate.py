@@ -16,27 +16,21 @@ import codecs
 import functools
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import huggingface_hub
 import torch
 
 from chat import AssistantOutput, encode_chat, load_system_prompt, parse_output
 from dump import Recorder, write_dump
-from inputs import InputError, MissingFileError, read_json
-from load import load_model, read_checkpoint
+from inputs import InputError, read_json
+from load import (DEFAULT_MODEL, DTYPES, load_model, model_name, pick_device, read_checkpoint, resolve_model,
+                  tokenizer_file)
 from parallel import check_split, close, is_lead, launched, mesh_from_env
 from tokenizer import Tokenizer
 from vision import check_tokenizer
-
-DEFAULT_MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
-# What a run needs from the official repository: the native weights (not the second, Hugging Face
-# layout copy of the same weights), the tokenizer and the system prompt.
-HUB_FILES = ["params.json", "consolidated*.safetensors", "tekken.json", "SYSTEM_PROMPT.txt"]
 
 
 @dataclass
@@ -120,16 +114,22 @@ def compiled_decode_step():
     return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
 
 
+class StopGeneration(Exception):
+    """Raised by an on_token callback to end the answer after that token (a stop string, a client gone)."""
+
+
 @torch.inference_mode()
 def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: Sampling, stop_ids: set,
              on_token=None, seed: int | None = None, recorder: Recorder | None = None,
-             compile: bool = False) -> tuple[list[int], Stats]:
+             compile: bool = False, on_logits=None) -> tuple[list[int], Stats]:
     """Prefill `prompt` (with its images), then sample up to `max_tokens` tokens, one per step through
-    the KV cache. on_token(id) is called as each token is chosen. Returns (generated ids, stats).
-    compile: run the decoding steps through torch.compile (the first call compiles them).
+    the KV cache. on_token(id) is called as each token is chosen; on_logits(logits [V]) just before,
+    with the raw float32 logits that token is sampled from (before temperature). Returns (generated
+    ids, stats). compile: run the decoding steps through torch.compile (the first call compiles them).
     recorder: keeps the logits (and hidden states) of every position, for a dump; it needs the eager
     steps, so that a dump holds the logits of the code as written.
-    A KeyboardInterrupt stops the loop and returns what was generated so far."""
+    A KeyboardInterrupt, or StopGeneration from on_token, stops the loop and returns what was
+    generated so far (the token on_token stopped at included)."""
     if max_tokens < 1:
         raise InputError(f"max_tokens is {max_tokens}: expected at least 1")
     if compile and recorder is not None:
@@ -149,6 +149,8 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
         while True:
             if recorder is not None:
                 recorder.add(logits, hidden)
+            if on_logits is not None:
+                on_logits(logits[0, -1])
             next_id = sample(logits[:, -1], sampling, generator)                    # [1]
             token = int(next_id)                                                     # the one host sync
             if not out:
@@ -164,7 +166,7 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
             # Eager steps read the cache up to the new token; a compiled one all of it (fixed shapes).
             kv_len = None if compile else len(prompt) + len(out)
             logits = step(model, next_id[:, None], pos, hidden, kv_len)             # [1, 1, V]
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopGeneration):
         pass
     _sync(device)
     stats.generated_tokens = len(out)
@@ -202,7 +204,7 @@ class ReasoningSplit:
             tag = "</think>" if self.thinking else "<think>"
             i = self.buffer.find(tag)
             if i < 0:
-                keep = _partial_suffix(self.buffer, tag)   # hold back what may be the start of a tag
+                keep = partial_suffix(self.buffer, tag)   # hold back what may be the start of a tag
                 self._emit(self.buffer[:len(self.buffer) - keep])
                 self.buffer = self.buffer[len(self.buffer) - keep:]
                 return
@@ -213,57 +215,12 @@ class ReasoningSplit:
         print(text, end="", flush=True, file=sys.stderr if self.thinking else sys.stdout)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is a beginning of `tag` (shorter than tag)."""
     return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
 
 
-# ----------------------------------------------------------------------------- files and devices
-
-def resolve_model(name: str) -> Path:
-    """A local folder as is; a hub id ("owner/name") downloaded once (later runs use the cache)."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return folder
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or folder.exists():
-        raise MissingFileError(f"--model {name}: no such folder (expected a local folder with params.json, "
-                                f"consolidated.safetensors and tekken.json, or a hub id like {DEFAULT_MODEL})")
-    try:
-        return Path(huggingface_hub.snapshot_download(name, allow_patterns=HUB_FILES))
-    except Exception as e:  # no network, gated repository, missing login, typo in the id
-        raise MissingFileError(
-            f"--model {name}: could not get the files from the Hugging Face hub ({type(e).__name__}: {e}). "
-            f"On a machine with network run `hf download {name} --include {' '.join(HUB_FILES)} "
-            f"--local-dir DIR` (after `hf auth login` and accepting the model's terms if it is gated), "
-            f"then pass --model DIR") from None
-
-
-def model_name(model: str) -> str:
-    """A local folder is known by its name, a hub id by its last part (Mistral-Small-3.2-24B-Instruct-2506)."""
-    return Path(model).resolve().name if Path(model).is_dir() else model.split("/")[-1]
-
-
-def tokenizer_file(folder: Path) -> Path:
-    found = [folder / "tekken.json"] if (folder / "tekken.json").is_file() else sorted(folder.glob("tokenizer.model*"))
-    if not found:
-        raise MissingFileError(f"{folder}: no tokenizer file (expected tekken.json)")
-    return found[0]
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        try:
-            return torch.device(name)
-        except RuntimeError as e:
-            raise InputError(f"--device {name!r}: not a torch device ({e})") from None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
+# ----------------------------------------------------------------------------- memory and stats
 
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -328,19 +285,35 @@ class Session:
                seed: int | None = None, on_token=None, recorder: Recorder | None = None) -> Reply:
         """Generate the assistant's answer to the conversation (OpenAI chat format, see chat.py).
         on_token(id) sees each token as it is chosen; the answer never runs past the context."""
+        ids, images = self.encode(messages, tools)
+        return self.complete(ids, images, sampling, seed, on_token, recorder)
+
+    def encode(self, messages: list[dict], tools: list | None = None) -> tuple[list[int], list[torch.Tensor]]:
+        """The prompt ids and pixels of a conversation; refused when it leaves no room for an answer."""
         ids, images = encode_chat(self.tokenizer, messages, tools)
-        room = self.context - len(ids)
-        if room < 1:
+        if len(ids) >= self.context:
             raise InputError(f"the prompt is {len(ids)} tokens (images included), more than the model's "
                              f"context of {self.context} tokens")
+        return ids, images
+
+    def complete(self, ids: list[int], images: list[torch.Tensor], sampling: Sampling | None = None,
+                 seed: int | None = None, on_token=None, recorder: Recorder | None = None,
+                 on_logits=None) -> Reply:
+        """The answer to an encoded prompt (see encode), at most up to the end of the context."""
+        room = self.context - len(ids)
         sampling = sampling or self.sampling
         max_tokens = min(sampling.max_tokens or room, room)
+        model = self.load()
+        images = [im.to(self.device, model.output.weight.dtype) for im in images]
+        out, stats = generate(model, ids, images, max_tokens, sampling, {self.tokenizer.eos_id}, on_token=on_token,
+                              seed=seed, recorder=recorder, compile=self.compile, on_logits=on_logits)
+        return Reply(ids, images, out, parse_output(self.tokenizer, out), stats)
+
+    def load(self):
+        """The model, loaded on first use."""
         if self.model is None:
             self.model = load_model(self.folder, device=self.device, dtype=self.dtype, mesh=self.mesh)
-        images = [im.to(self.device, self.model.output.weight.dtype) for im in images]
-        out, stats = generate(self.model, ids, images, max_tokens, sampling, {self.tokenizer.eos_id},
-                              on_token=on_token, seed=seed, recorder=recorder, compile=self.compile)
-        return Reply(ids, images, out, parse_output(self.tokenizer, out), stats)
+        return self.model
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -350,10 +323,29 @@ def card_help(field: str) -> str:
         f"{name}: {getattr(s, field)}" for name, s in MODEL_CARD_DEFAULTS.items()) + ")"
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype, --compile: what Session takes (generate.py and serve.py)."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder or hub id (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--compile", action="store_true", help="compile the decoding step with torch.compile (one "
+                                                          "CUDA graph on a GPU): faster decoding after a slow "
+                                                          "first answer")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--temperature, --top-p, --top-k, --max-tokens, --seed (see flag_sampling)."""
+    p.add_argument("--temperature", type=float, help=card_help("temperature") + "; 0 is greedy")
+    p.add_argument("--top-p", type=float, help=card_help("top_p"))
+    p.add_argument("--top-k", type=int, help="0 keeps every token (default)")
+    p.add_argument("--max-tokens", type=int, help=card_help("max_tokens") + ", never past the end of the context")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the user message; read from standard input when absent")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder or hub id (default: %(default)s)")
+    add_model_flags(p)
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     p.add_argument("--system", help="system prompt text, or a file holding it (default: the model's "
                                     "SYSTEM_PROMPT.txt, filled with its name and the dates)")
@@ -361,17 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", help="a JSON file with a tool list in the OpenAI format")
     p.add_argument("--interactive", "-i", action="store_true", help="multi-turn chat; '/image PATH' attaches "
                                                                      "an image to the next message")
-    p.add_argument("--temperature", type=float, help=card_help("temperature") + "; 0 is greedy")
-    p.add_argument("--top-p", type=float, help=card_help("top_p"))
-    p.add_argument("--top-k", type=int, help="0 keeps every token (default)")
-    p.add_argument("--max-tokens", type=int, help=card_help("max_tokens") + ", never past the end of the context")
-    p.add_argument("--seed", type=int, help="makes sampling reproducible")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--compile", action="store_true", help="compile the decoding step with torch.compile (one "
-                                                          "CUDA graph on a GPU): faster decoding after a slow "
-                                                          "first answer; not with --dump")
-    p.add_argument("--dump", help="write prompt ids, generated ids and float32 logits to this .safetensors")
+    add_sampling_flags(p)
+    p.add_argument("--dump", help="write prompt ids, generated ids and float32 logits to this .safetensors "
+                                  "(not with --compile)")
     p.add_argument("--dump-hidden", action="store_true", help="with --dump: also each block's hidden state "
                                                               "and the vision features")
     return p
@@ -379,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_flags(parser: argparse.ArgumentParser, args) -> None:
     """Flags that are wrong on their own or together: refused before anything loads."""
+    check_sampling_flags(parser, args)
+    if args.compile and args.dump:
+        parser.error("--compile and --dump cannot be combined: a dump holds the logits of the eager code")
+    if args.dump_hidden and not args.dump:
+        parser.error("--dump-hidden needs --dump FILE")
+    if launched() and (args.interactive or args.prompt is None and not args.messages):
+        parser.error("under torchrun, give the prompt as an argument or with --messages: every process would "
+                     "read standard input (-i, or no prompt) for itself")
+
+
+def check_sampling_flags(parser: argparse.ArgumentParser, args) -> None:
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error(f"--max-tokens {args.max_tokens}: expected at least 1")
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -387,13 +382,6 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--top-p {args.top_p}: expected a number in (0, 1]")
     if args.top_k is not None and args.top_k < 0:
         parser.error(f"--top-k {args.top_k}: expected 0 (every token) or more")
-    if args.compile and args.dump:
-        parser.error("--compile and --dump cannot be combined: a dump holds the logits of the eager code")
-    if args.dump_hidden and not args.dump:
-        parser.error("--dump-hidden needs --dump FILE")
-    if launched() and (args.interactive or args.prompt is None and not args.messages):
-        parser.error("under torchrun, give the prompt as an argument or with --messages: every process would "
-                     "read standard input (-i, or no prompt) for itself")
 
 
 def flag_sampling(args, card: Sampling) -> Sampling:

@@ -11,12 +11,14 @@ The model is built on the meta device (no memory); each tensor is then memory-ma
 against the shape the configuration implies, converted and placed one at a time, and assigned.
 Under tensor parallel (parallel.py) the meta model is split first, and each rank copies out of the
 map only its own slice of each split weight.
+Finding the files: resolve_model (a local folder, or a hub id downloaded once), tokenizer_file, pick_device.
 """
 import re
 import warnings
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.distributed.device_mesh import DeviceMesh
@@ -269,3 +271,57 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, mesh: Devic
     state = _read_tensors(checkpoint, model.state_dict(), dtype, device)
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- finding the files and the device
+
+DEFAULT_MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
+# What a run needs from the official repository: the native weights (not the second, Hugging Face
+# layout copy of the same weights), the tokenizer and the system prompt.
+HUB_FILES = ["params.json", "consolidated*.safetensors", "tekken.json", "SYSTEM_PROMPT.txt"]
+
+
+def resolve_model(name: str) -> Path:
+    """A local folder as is; a hub id ("owner/name") downloaded once (later runs use the cache)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or folder.exists():
+        raise MissingFileError(f"--model {name}: no such folder (expected a local folder with params.json, "
+                                f"consolidated.safetensors and tekken.json, or a hub id like {DEFAULT_MODEL})")
+    try:
+        return Path(huggingface_hub.snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:  # no network, gated repository, missing login, typo in the id
+        raise MissingFileError(
+            f"--model {name}: could not get the files from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"On a machine with network run `hf download {name} --include {' '.join(HUB_FILES)} "
+            f"--local-dir DIR` (after `hf auth login` and accepting the model's terms if it is gated), "
+            f"then pass --model DIR") from None
+
+
+def model_name(model: str) -> str:
+    """A local folder is known by its name, a hub id by its last part (Mistral-Small-3.2-24B-Instruct-2506)."""
+    return Path(model).resolve().name if Path(model).is_dir() else model.split("/")[-1]
+
+
+def tokenizer_file(folder: Path) -> Path:
+    found = [folder / "tekken.json"] if (folder / "tekken.json").is_file() else sorted(folder.glob("tokenizer.model*"))
+    if not found:
+        raise MissingFileError(f"{folder}: no tokenizer file (expected tekken.json)")
+    return found[0]
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        try:
+            return torch.device(name)
+        except RuntimeError as e:
+            raise InputError(f"--device {name!r}: not a torch device ({e})") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
