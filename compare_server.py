@@ -1,6 +1,6 @@
 """Check a running OpenAI-compatible server (vLLM, llama-server, serve.py) against the reference.
 
-    python dump.py compare-server http://localhost:8000 --model M --messages chat.json [--tools tools.json]
+    python compare_server.py http://localhost:8000 --model M --messages chat.json [--tools tools.json]
 
 The conversation goes to the server at temperature 0 with logprobs and its top 20 alternatives; the
 reference model then reads the same prompt followed by the server's tokens (teacher forcing), which
@@ -12,10 +12,12 @@ reference, and the first position where they part, with the text around it. Exit
 The KL estimate merges every token outside the server's top-k into one bucket on both sides. Merging
 outcomes never increases a KL divergence (the log-sum inequality), so it is a lower bound.
 """
+import argparse
 import base64
 import json
 import math
 import mimetypes
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -23,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-from chat import encode_chat
+from generate import Session
 from inputs import InputError, read_json
-from load import DEFAULT_MODEL, DTYPES, load_model, pick_device, resolve_model, tokenizer_file
-from tokenizer import Tokenizer
+from load import DEFAULT_MODEL, DTYPES
 
 TOP_LOGPROBS = 20   # the most OpenAI's API (and so most servers) give
 
@@ -195,9 +196,9 @@ def compare_position(server_id: int, server_top: dict[int, float], ref: torch.Te
 def run(args) -> int:
     base = args.url.rstrip("/").removesuffix("/v1")
     messages, tools = conversation(args)
-    folder = resolve_model(args.model)
-    tokenizer = Tokenizer.from_file(tokenizer_file(folder))
-    prompt, images = encode_chat(tokenizer, messages, tools)
+    session = Session(args.model, args.device, args.dtype)
+    tokenizer = session.tokenizer
+    prompt, images = session.encode(messages, tools)
     served = args.served_model or get(f"{base}/v1/models", args.timeout)["data"][0]["id"]
 
     theirs, how = server_prompt_ids(base, served, messages, tools, args.timeout)
@@ -214,7 +215,7 @@ def run(args) -> int:
     tops = [{**{token_id(t): t["logprob"] for t in e.get("top_logprobs") or []}, i: e["logprob"]}
             for i, e in zip(generated, entries)]
 
-    model = load_model(folder, pick_device(args.device), DTYPES[args.dtype])
+    model = session.load()
     images = [im.to(model.output.weight.device, model.output.weight.dtype) for im in images]
     ref = reference_logprobs(model, prompt, images, generated)
     positions = [compare_position(i, top, row) for i, top, row in zip(generated, tops, ref)]
@@ -254,3 +255,18 @@ def report(args, tokenizer, prompt, theirs, how, generated, positions: list[Posi
     if too_far:
         print(f"KL above --max-kl   {max(kls):.3g} > {args.max_kl}")
     return 1 if prompt_differs or first is not None or too_far else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:   # bad input or an unreachable server: one line; a bug keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,11 +3,10 @@ and the comparison of two dumps.
 
     python generate.py --temperature 0 --dump ours.safetensors "Hello"
     python dump.py compare ours.safetensors theirs.safetensors
-    python dump.py compare-server http://localhost:8000 --model M --messages chat.json   # see compare_server.py
 
 A dump is one safetensors file (the format is in write_dump and the README); any runtime can write
-one (from numpy: safetensors.numpy.save_file). This module knows nothing of the model: compare-server,
-which runs the reference model, is compare_server.py.
+one (from numpy: safetensors.numpy.save_file). This module knows nothing of the model or the command
+line; its sibling compare_server.py checks a running server against the reference model.
 """
 import argparse
 import sys
@@ -17,7 +16,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import compare_server
 from inputs import InputError
 
 FORMAT = "mistral-small-reference-dump/1"
@@ -121,14 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "argmax or the tokens differ")
     c.add_argument("a", help="a dump (.safetensors), e.g. the reference's")
     c.add_argument("b", help="another dump of the same tokens")
-    s = commands.add_parser("compare-server", help="ask an OpenAI-compatible server for an answer with logprobs "
-                                                   "and compare it with the reference's distributions; exit 1 "
-                                                   "where they differ")
-    compare_server.add_arguments(s)
     args = p.parse_args(argv)
     try:
-        if args.command == "compare-server":
-            return compare_server.run(args)
         result = compare(args.a, args.b)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ from openai import OpenAI
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import dump
+import compare_server
 import generate
 import serve
 from chat import encode_chat
@@ -548,7 +548,7 @@ def test_token_ids_as_servers_name_them(session):
 
 
 def test_compare_server_on_the_same_weights(url, repo, capsys):
-    assert dump.main(["compare-server", f"{url}/v1", "--model", str(repo), "--dtype", "float32", "--device", "cpu",
+    assert compare_server.main([f"{url}/v1", "--model", str(repo), "--dtype", "float32", "--device", "cpu",
                       "--prompt", "What is in this image?", "--image", str(repo / "photo.png"),
                       "--max-tokens", "12"]) == 0
     out = capsys.readouterr().out
@@ -567,7 +567,7 @@ def test_compare_server_finds_perturbed_weights(repo, tmp_path, capsys):
     weights["layers.1.feed_forward.w2.weight"] = w + 0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
     save_file(weights, str(perturbed / "consolidated.safetensors"))
     with serving(generate.Session(str(perturbed), device="cpu", dtype="float32")) as url:
-        assert dump.main(["compare-server", url, "--model", str(repo), "--dtype", "float32", "--device", "cpu",
+        assert compare_server.main([url, "--model", str(repo), "--dtype", "float32", "--device", "cpu",
                           "--prompt", "Hello there", "--max-tokens", "12"]) == 1
     out = capsys.readouterr().out
     print(out)
