@@ -150,15 +150,19 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 @dataclass
 class Checkpoint:
     """What a checkpoint folder holds: its layout, its weight files and the model they make."""
-    layout: str           # "native" or "hf"
-    config: Path          # params.json or config.json
-    files: list[Path]
+    layout: str           # "native", "hf" or "gguf"
+    config: Path          # params.json or config.json (for "gguf": the text file, whose metadata it is)
+    files: list[Path]     # for "gguf": the text file's parts, then the mmproj
     args: ModelArgs
     vision: VisionArgs | None
 
 
-def read_checkpoint(folder: Path) -> Checkpoint:
-    """The folder's layout, weight files and configuration (no tensor is read)."""
+def read_checkpoint(folder: Path, mmproj=None) -> Checkpoint:
+    """The folder's layout, weight files and configuration (no tensor is read). A .gguf file instead
+    of a folder is read by gguf_file (layout "gguf"), with its mmproj (given or found beside it)."""
+    if str(folder).endswith(".gguf"):
+        from gguf_file import read_gguf_checkpoint   # the GGUF module needs the optional gguf package
+        return read_gguf_checkpoint(folder, mmproj)
     if (folder / "params.json").is_file():
         config, layout = folder / "params.json", "native"
         args, vision = parse_params(read_json(config), str(config))
@@ -254,11 +258,17 @@ def _column_major(name: str, shape: torch.Size, dtype, device: torch.device) -> 
             and name != "tok_embeddings.weight")
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None, mesh: DeviceMesh | None = None) -> Transformer:
+def load_model(path, device="cpu", dtype: torch.dtype | None = None, mesh: DeviceMesh | None = None,
+               mmproj=None) -> Transformer:
     """Load an official checkpoint folder (params.json + consolidated*.safetensors, or the Hugging
     Face layout config.json + model-*.safetensors). dtype None keeps the stored dtype (bf16).
-    mesh: split the text blocks over its ranks (parallel.py; parallel.mesh_from_env makes it)."""
+    mesh: split the text blocks over its ranks (parallel.py; parallel.mesh_from_env makes it).
+    Or a GGUF file (a split set by any of its parts; see gguf_file.py) with the vision tower of the
+    mmproj file `mmproj`, or of the mmproj*.gguf beside it when None (False: text only)."""
     folder = Path(path)
+    if folder.suffix == ".gguf":
+        from gguf_file import load_gguf
+        return load_gguf(read_checkpoint(folder, mmproj), device, dtype)
     if not folder.is_dir():
         raise MissingFileError(f"{folder}: no such model folder")
     checkpoint = read_checkpoint(folder)

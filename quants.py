@@ -299,12 +299,15 @@ def dequantize(blocks: torch.Tensor, qtype: QType, shape: tuple[int, int],
 
 
 class _Quantized(nn.Module):
-    """GGUF blocks [R, row bytes] as a buffer, plus the codebooks of their type (from gguf, not saved)."""
+    """GGUF blocks [R, row bytes] as a buffer, plus the codebooks of their type (from gguf, not saved).
+    dtype: of the dequantized weights, the model's activations (the uint8 buffer cannot carry one)."""
 
-    def __init__(self, blocks: torch.Tensor, qtype: QType, shape: tuple[int, int]):
+    def __init__(self, blocks: torch.Tensor, qtype: QType, shape: tuple[int, int],
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.qtype = check_type(type(self).__name__, qtype)
         self.shape = tuple(shape)
+        self.dtype = dtype
         self.register_buffer("blocks", blocks)
         tables = lookup_tables(self.qtype)
         for key, table in tables.items():
@@ -316,8 +319,14 @@ class _Quantized(nn.Module):
         tables = {key: getattr(self, key) for key in self.table_names}
         return dequantize(blocks, self.qtype, (blocks.shape[0], self.shape[1]), tables)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty tensor with the device and dtype of the dequantized weight, for code that asks
+        model.output.weight where the model lives (setup_cache, generate)."""
+        return torch.empty(0, device=self.blocks.device, dtype=self.dtype)
+
     def extra_repr(self) -> str:
-        return f"{self.qtype}, shape={self.shape}"
+        return f"{self.qtype}, shape={self.shape}, dtype={self.dtype}"
 
 
 class QuantLinear(_Quantized):
@@ -331,13 +340,7 @@ class QuantEmbedding(_Quantized):
     """nn.Embedding over a quantized table [V, D]: only the looked-up rows are dequantized.
 
     A row is a whole run of blocks, so indexing the bytes first gives exactly the blocks of those rows.
-    dtype is the output dtype (the model's activations), since the uint8 buffer cannot carry one.
     """
-
-    def __init__(self, blocks: torch.Tensor, qtype: QType, shape: tuple[int, int],
-                 dtype: torch.dtype = torch.float32):
-        super().__init__(blocks, qtype, shape)
-        self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
         rows = self.unpack(self.blocks[ids.flatten()])  # [n, D]

@@ -67,6 +67,9 @@ class Tokenizer:
             raise MissingFileError(f"tokenizer file not found: {path}")
         with open(path, "rb") as f:
             looks_like_json = f.read(64).lstrip().startswith(b"{")
+        if path.suffix == ".gguf":
+            from gguf_file import gguf_tokenizer   # the GGUF module needs the optional gguf package
+            return gguf_tokenizer(path)
         if path.suffix == ".json" or looks_like_json:
             return Tekken(path)
         if ".model" in path.name:
@@ -134,10 +137,11 @@ class Tokenizer:
 
 
 class Tekken(Tokenizer):
-    """Tekken (tekken.json): tiktoken BPE over UTF-8 bytes, ids laid out as in the module docstring."""
+    """Tekken (tekken.json): tiktoken BPE over UTF-8 bytes, ids laid out as in the module docstring.
+    data: the tekken.json document when it does not come from `path` itself (gguf_file rebuilds it)."""
 
-    def __init__(self, path: Path):
-        data = read_json(path)
+    def __init__(self, path: Path, data: dict | None = None):
+        data = read_json(path) if data is None else data
         if not (isinstance(data, dict) and isinstance(data.get("config"), dict)
                 and isinstance(data.get("vocab"), list)):
             raise InputError(f"{path}: not a Tekken file (expected a JSON object with 'config' and 'vocab')")

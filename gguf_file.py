@@ -1,0 +1,438 @@
+"""GGUF files (llama.cpp's format): the community's quantized Mistral Small 3.x, read into the reference.
+
+    read_gguf(path) -> GGUF                      the header: metadata and tensor infos (no tensor is read)
+    read_gguf_checkpoint(path, mmproj) -> Checkpoint     what load.read_checkpoint gives for a folder
+    load_gguf(checkpoint, device, dtype) -> model.Transformer (vision.VisionLanguageModel with an mmproj)
+    gguf_tokenizer(path) -> tokenizer.Tekken     the file's own tokenizer (tokenizer.ggml.*)
+
+A text file (general.architecture "llama" for the 2025 community files, "mistral3" for current
+conversions) holds the text model; an mmproj file ("clip", projector "pixtral") the vision tower, the
+patch merger and the adapter. Hyper-parameters come from the `{arch}.*` keys. Tensor names map one to one
+onto the native ones (GGUF_TEXT_NAMES, GGUF_VISION_NAMES) and wq / wk need no permutation: llama.cpp's
+converter undoes the Hugging Face rotate-half order, so GGUF keeps the native interleaved pairs.
+
+Quantized matrices stay in their blocks, on the device, as quants.QuantLinear / QuantEmbedding, and are
+dequantized in each forward; F32 / F16 / BF16 tensors (the norms, an F16 mmproj) become ordinary
+parameters in the model's dtype. On the CPU the blocks are the file's pages, memory-mapped: never copied.
+
+The header is parsed here (struct over an mmap) rather than with gguf's GGUFReader, which takes 11 s to
+open a file with the full vocabulary (it builds a numpy view per string); tests/test_gguf.py checks this
+parser against GGUFReader. The gguf package is still needed, through quants.py, for the block sizes and
+the IQ codebooks.
+"""
+import base64
+import mmap
+import re
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import quants
+from inputs import InputError, MissingFileError
+from load import Checkpoint, _column_major, build_model
+from model import ModelArgs
+from tokenizer import Tekken
+from vision import NORM_EPS, VisionArgs
+
+# ----------------------------------------------------------------------------- the header
+
+# GGUF value types: id -> struct format (8 = string, 9 = array are read apart)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    type_name: str        # "Q4_K", "F32", ... (gguf's GGMLQuantizationType names)
+    shape: tuple          # torch order [out, in]: the file's ne reversed
+    offset: int           # absolute byte offset in the file
+    n_bytes: int
+
+
+@dataclass
+class GGUF:
+    path: Path
+    metadata: dict
+    tensors: dict         # name -> TensorInfo
+
+
+class _Cursor:
+    """Little-endian reads through a buffer, tracking the position."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def scalar(self, fmt: str):
+        try:
+            (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        except struct.error:
+            raise InputError(f"{self.path}: the GGUF header ends early (at byte {self.pos}); is the "
+                             f"download complete?") from None
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        # Tokens in the GPT-2 byte alphabet are valid UTF-8; a file may still hold other bytes.
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, kind: int):
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, n = self.scalar("I"), self.scalar("Q")
+            if item in _SCALARS and item != 7:   # numbers in one read
+                fmt = np.dtype("<" + _SCALARS[item])
+                values = np.frombuffer(self.buf, fmt, n, self.pos).tolist()
+                self.pos += n * fmt.itemsize
+                return values
+            return [self.value(item) for _ in range(n)]
+        raise InputError(f"{self.path}: unknown GGUF value type {kind} at byte {self.pos}")
+
+
+def read_gguf(path) -> GGUF:
+    """The metadata and tensor infos of one GGUF file (nothing of the tensor data is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        c = _Cursor(buf, path)
+        if bytes(buf[:4]) != b"GGUF":
+            raise InputError(f"{path}: not a GGUF file (it does not start with b'GGUF')")
+        c.pos = 4
+        version, n_tensors, n_kv = c.scalar("I"), c.scalar("Q"), c.scalar("Q")
+        if version not in (2, 3):
+            raise InputError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        metadata = {}
+        for _ in range(n_kv):
+            key = c.string()
+            metadata[key] = c.value(c.scalar("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string()
+            ne = [c.scalar("Q") for _ in range(c.scalar("I"))]
+            infos.append((name, ne, c.scalar("I"), c.scalar("Q")))
+        align = metadata.get("general.alignment", 32)
+        start = -(-c.pos // align) * align   # the data section begins at the next multiple of align
+        size = len(buf)
+    tensors = {}
+    for name, ne, type_id, offset in infos:
+        tensors[name] = info = _tensor_info(path, name, ne, type_id, start + offset)
+        if info.offset + info.n_bytes > size:
+            raise InputError(f"{path}: tensor {name!r} runs past the end of the file; is the download complete?")
+    return GGUF(path, metadata, tensors)
+
+
+def _tensor_info(path: Path, name: str, ne: list, type_id: int, offset: int) -> TensorInfo:
+    try:
+        qtype = quants.GGMLQuantizationType(type_id)
+    except ValueError:
+        raise InputError(f"{path}: tensor {name!r} has the unknown GGML type id {type_id}") from None
+    block, size = quants.GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(ne))
+    if ne[0] % block:
+        raise InputError(f"{path}: tensor {name!r} of type {qtype.name}: its rows of {ne[0]} weights are "
+                         f"not whole blocks of {block}")
+    return TensorInfo(name, qtype.name, tuple(reversed(ne)), offset, n // block * size)
+
+
+def gguf_parts(path: Path) -> list[Path]:
+    """A file, or all parts of a split set given any one of them (NAME-00001-of-00003.gguf)."""
+    match = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.gguf", path.name)
+    if match is None:
+        return [path]
+    count = int(match.group(3))
+    parts = [path.with_name(f"{match.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise MissingFileError(f"{path}: the split set lacks {missing}")
+    return parts
+
+
+# ----------------------------------------------------------------------------- configuration
+
+TEXT_ARCHS = ("llama", "mistral3")
+
+
+def text_args(meta: dict, source: str) -> ModelArgs:
+    """ModelArgs from a text file's `{arch}.*` keys."""
+    arch = meta.get("general.architecture")
+    if arch not in TEXT_ARCHS:
+        raise InputError(f"{source}: general.architecture is {arch!r}; expected one of {TEXT_ARCHS} (a Mistral "
+                         f"Small 3.x text file; an mmproj goes in mmproj=)")
+
+    def key(name: str, default=None):
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise InputError(f"{source}: missing key {arch}.{name}")
+        return value
+
+    for name in ("rope.scaling.type", "expert_count", "attention.sliding_window"):
+        if meta.get(f"{arch}.{name}") not in (None, 0, "none"):
+            raise InputError(f"{source}: {arch}.{name} = {meta[f'{arch}.{name}']!r} is not supported by this "
+                             f"implementation")
+    dim, n_heads = key("embedding_length"), key("attention.head_count")
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])) or None
+    return ModelArgs(
+        dim=dim, n_layers=key("block_count"), hidden_dim=key("feed_forward_length"), n_heads=n_heads,
+        # llama.cpp's fallback when key_length is absent; wrong for Small 3.x (160, not 128), which the
+        # shape check of attn_q then reports.
+        head_dim=key("attention.key_length", dim // n_heads),
+        n_kv_heads=key("attention.head_count_kv", n_heads), norm_eps=key("attention.layer_norm_rms_epsilon"),
+        vocab_size=vocab or 0, rope_theta=key("rope.freq_base", 10000.0),
+        max_position_embeddings=key("context_length", 131072))
+
+
+def vision_args(meta: dict, source: str, image_token_id: int) -> VisionArgs:
+    """VisionArgs from an mmproj's `clip.*` keys."""
+    if meta.get("general.architecture") != "clip" or meta.get("clip.projector_type") != "pixtral":
+        raise InputError(f"{source}: not a Pixtral mmproj (general.architecture "
+                         f"{meta.get('general.architecture')!r}, clip.projector_type "
+                         f"{meta.get('clip.projector_type')!r}; expected 'clip' and 'pixtral')")
+    if not meta.get("clip.use_silu"):
+        # llama.cpp's note on Mistral Small's tower says GELU; the official tower is SiLU, which runs here.
+        flag = "clip.use_gelu" if meta.get("clip.use_gelu") else "no activation flag"
+        warnings.warn(f"{source}: the file says {flag}; the official tower's feed-forward is SiLU and runs as such")
+    eps = meta.get("clip.vision.attention.layer_norm_epsilon", NORM_EPS)
+    if abs(eps - NORM_EPS) > 1e-9:
+        raise InputError(f"{source}: clip.vision.attention.layer_norm_epsilon is {eps}; this tower has {NORM_EPS}")
+
+    def key(name: str):
+        if f"clip.vision.{name}" not in meta:
+            raise InputError(f"{source}: missing key clip.vision.{name}")
+        return meta[f"clip.vision.{name}"]
+
+    size = key("image_size")
+    return VisionArgs(
+        hidden_size=key("embedding_length"), num_channels=3, image_size=size, max_image_size=size,
+        patch_size=key("patch_size"), intermediate_size=key("feed_forward_length"),
+        num_hidden_layers=key("block_count"), num_attention_heads=key("attention.head_count"),
+        # The HF route writes no theta; llama.cpp hard-codes 10000 for this projector.
+        rope_theta=meta.get("clip.rope.freq_base", 10000.0), image_token_id=image_token_id,
+        spatial_merge_size=key("spatial_merge_size"), adapter_bias=False,
+        add_pre_mm_projector_layer_norm=True, mm_projector_id="patch_merge")
+
+
+def find_mmproj(text: Path) -> Path | None:
+    """The mmproj*.gguf beside a text file, if there is exactly one."""
+    found = sorted(text.parent.glob("mmproj*.gguf"))
+    if len(found) > 1:
+        raise InputError(f"{text.parent}: several mmproj files {[p.name for p in found]}; pass one as mmproj=")
+    return found[0] if found else None
+
+
+def read_gguf_checkpoint(path, mmproj=None) -> Checkpoint:
+    """The model a GGUF text file (and an mmproj, given or found beside it) describes. mmproj False: none."""
+    path = Path(path)
+    parts = gguf_parts(path)
+    text = read_gguf(parts[0])
+    args = text_args(text.metadata, str(parts[0]))
+    if not args.vocab_size:
+        args.vocab_size = text.tensors["token_embd.weight"].shape[0]
+    if mmproj is None:
+        mmproj = find_mmproj(parts[0])
+    vision = None
+    if mmproj:
+        projector = read_gguf(mmproj)
+        vision = vision_args(projector.metadata, str(mmproj), _image_token_id(text.metadata))
+        vision.adapter_bias = "mm.1.bias" in projector.tensors
+        dim = projector.metadata.get("clip.vision.projection_dim", args.dim)
+        if dim != args.dim:
+            raise InputError(f"{mmproj}: clip.vision.projection_dim is {dim}, the text model's width {args.dim}")
+        parts = parts + [Path(mmproj)]
+    return Checkpoint("gguf", parts[0], parts, args, vision)
+
+
+def _image_token_id(meta: dict) -> int:
+    tokens = meta.get("tokenizer.ggml.tokens", [])
+    return tokens.index("[IMG]") if "[IMG]" in tokens else 10   # 10 in every Tekken of this family
+
+
+# ----------------------------------------------------------------------------- tensor names
+
+GGUF_TEXT_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
+                   "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+                   "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+                   "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"}
+GGUF_VISION_NAMES = {"v.patch_embd": "vision_encoder.patch_conv", "v.pre_ln": "vision_encoder.ln_pre",
+                     "ln1": "attention_norm", "ln2": "ffn_norm", "attn_q": "attention.wq",
+                     "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_out": "attention.wo",
+                     "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2",
+                     "mm.input_norm": "pre_mm_projector_norm", "mm.patch_merger": "patch_merger.merging_layer",
+                     "mm.1": "vision_language_adapter.w_in", "mm.2": "vision_language_adapter.w_out"}
+# In the mmproj but not a weight of ours: [IMG_BREAK]'s embedding, which we take from the text model.
+SKIPPED = {"v.token_embd.img_break"}
+
+
+def native_name(name: str) -> str | None:
+    """blk.3.attn_q.weight -> layers.3.attention.wq.weight; v.blk.3.ln1.weight ->
+    vision_encoder.transformer.layers.3.attention_norm.weight; None for a name we do not know."""
+    stem, dot, suffix = name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        return None
+    block = re.fullmatch(r"(v\.)?blk\.(\d+)\.(.+)", stem)
+    if block is not None:
+        vision, i, part = block.groups()
+        table = GGUF_VISION_NAMES if vision else GGUF_TEXT_NAMES
+        prefix = f"vision_encoder.transformer.layers.{i}." if vision else f"layers.{i}."
+        return prefix + table[part] + dot + suffix if part in table else None
+    table = GGUF_VISION_NAMES if stem.startswith(("v.", "mm.")) else GGUF_TEXT_NAMES
+    return table[stem] + dot + suffix if stem in table else None
+
+
+# ----------------------------------------------------------------------------- weights
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _mapped(path: Path) -> np.ndarray:
+    """The whole file, memory-mapped: nothing is read until used. One map per file, so that a page two
+    tensors share is resident once. Copy-on-write (mode "c"), as torch wants a writable buffer; nothing
+    writes to it."""
+    return np.memmap(path, dtype=np.uint8, mode="c")
+
+
+def _tensor_bytes(data: np.ndarray, info: TensorInfo) -> torch.Tensor:
+    """A tensor's raw bytes [out, row bytes], a view of the mapped file."""
+    rows = int(np.prod(info.shape[:-1]))
+    return torch.from_numpy(data[info.offset:info.offset + info.n_bytes].reshape(rows, -1))
+
+
+def _float_tensor(blocks: torch.Tensor, info: TensorInfo, device, dtype) -> torch.Tensor:
+    """A tensor as an ordinary parameter: dequantized (F16 / BF16 exactly), on device, in dtype."""
+    rows = blocks.shape[0]
+    w = quants.dequantize(blocks, info.type_name, (rows, int(np.prod(info.shape)) // rows))
+    return w.view(info.shape).to(device=device, dtype=dtype)
+
+
+def _quantized_module(module: nn.Module, blocks: torch.Tensor, info: TensorInfo, source: str, dtype):
+    try:
+        kind = quants.QuantEmbedding if isinstance(module, nn.Embedding) else quants.QuantLinear
+        return kind(blocks, info.type_name, info.shape, dtype=dtype)
+    except ValueError as e:   # a type quants.py does not dequantize
+        raise InputError(f"{source}: tensor {info.name!r}: {e}") from None
+
+
+def load_gguf(checkpoint: Checkpoint, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The model of a GGUF checkpoint (read_gguf_checkpoint). dtype: of the activations and of the float
+    parameters, float32 when None (a GGUF has no single stored dtype)."""
+    dtype = dtype or torch.float32
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = build_model(checkpoint.args, checkpoint.vision)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    found = set()
+    for path in checkpoint.files:
+        data = _mapped(path)
+        for info in read_gguf(path).tensors.values():
+            name = native_name(info.name)
+            if info.name in SKIPPED:
+                continue
+            if name not in expected:
+                raise InputError(f"{path}: unexpected tensor {info.name!r}: the model that the file's metadata "
+                                 f"describes has no such weight")
+            if info.shape != expected[name]:
+                raise InputError(f"{path}: tensor {info.name!r} has shape {info.shape}, expected {expected[name]}")
+            _assign(model, name, _tensor_bytes(data, info), info, str(path), device, dtype)
+            found.add(name)
+    if "output.weight" not in found and "tok_embeddings.weight" in found:
+        model.output = _tied_head(model.tok_embeddings)   # as llama.cpp: no output.weight, the head is tied
+        found.add("output.weight")
+    missing = sorted(set(expected) - found)
+    if missing:
+        raise InputError(f"{checkpoint.config}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return model.eval()
+
+
+def _assign(model: nn.Module, name: str, blocks: torch.Tensor, info: TensorInfo, source: str, device, dtype):
+    """Put one tensor in place: a quantized matrix replaces its nn.Linear / nn.Embedding by a quants module
+    holding the blocks; anything else (floats; a quantized conv or biased linear, which are small) becomes
+    an ordinary parameter."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    parent, _, child = module_name.rpartition(".")
+    matrix = isinstance(module, (nn.Linear, nn.Embedding)) and getattr(module, "bias", None) is None
+    if info.type_name not in FLOAT_TYPES and matrix:
+        quantized = _quantized_module(module, blocks.to(device), info, source, dtype)
+        setattr(model.get_submodule(parent), child, quantized)
+        return
+    quants.check_type(f"{source}: tensor {info.name!r}", info.type_name)
+    w = _float_tensor(blocks, info, device, dtype)
+    if _column_major(name, w.shape, w.dtype, w.device):
+        w = w.t().contiguous().t()
+    setattr(module, attr, nn.Parameter(w, requires_grad=False))
+
+
+def _tied_head(embedding: nn.Module) -> nn.Module:
+    """The output head sharing the embedding table's weights (no copy)."""
+    if isinstance(embedding, quants.QuantEmbedding):
+        return quants.QuantLinear(embedding.blocks, embedding.qtype, embedding.shape, dtype=embedding.dtype)
+    head = nn.Linear(embedding.weight.shape[1], embedding.weight.shape[0], bias=False)
+    head.weight = embedding.weight
+    return head
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+# The Tekken pre-tokenizer (tekken.json's config.pattern). A GGUF names it only (tokenizer.ggml.pre "tekken").
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                  r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CONTROL = 3   # tokenizer.ggml.token_type of a control token
+
+
+def byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-unicode alphabet, reversed: the printable character that stands for each byte.
+    Printable Latin-1 bytes stand for themselves; the others are 256 + n in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def gguf_tokenizer(path, mmproj=None) -> Tekken:
+    """The Tekken tokenizer in a GGUF's tokenizer.ggml.* keys, rebuilt as a tekken.json document: ids equal
+    the official file's (ids 0..n_special - 1 the control tokens, then the BPE ranks in id order). Its image
+    settings, which tekken.json holds, come from the mmproj (given, or found beside; False: none)."""
+    path = Path(path)
+    meta = read_gguf(gguf_parts(path)[0]).metadata
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+    if model != "gpt2" or pre != "tekken":
+        raise InputError(f"{path}: tokenizer.ggml.model {model!r} / pre {pre!r} is not a Tekken tokenizer "
+                         f"(expected 'gpt2' / 'tekken'); pass --tokenizer tekken.json")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type", [])
+    n_special = next((i for i, t in enumerate(types) if t != CONTROL), 0)
+    specials = tokens[:n_special]
+    alphabet = byte_alphabet()
+    try:
+        vocab = [{"rank": rank, "token_bytes": base64.b64encode(bytes(alphabet[c] for c in token)).decode()}
+                 for rank, token in enumerate(tokens[n_special:])]
+    except KeyError as e:
+        raise InputError(f"{path}: tokenizer.ggml.tokens holds {e} outside GPT-2's byte alphabet") from None
+    # [ARGS] and [CALL_ID] came with v11; v13 cannot be told from v11 by its tokens (pass --tokenizer).
+    version = "v11" if {"[ARGS]", "[CALL_ID]"} <= set(specials) else "v7"
+    data = {"config": {"version": version, "pattern": TEKKEN_PATTERN, "default_vocab_size": len(tokens),
+                       "default_num_special_tokens": n_special},
+            "special_tokens": [{"rank": i, "token_str": s} for i, s in enumerate(specials)], "vocab": vocab}
+    mmproj = find_mmproj(path) if mmproj is None else mmproj
+    if mmproj:
+        clip = read_gguf(mmproj).metadata
+        data["image"] = {"image_patch_size": clip.get("clip.vision.patch_size"),
+                         "max_image_size": clip.get("clip.vision.image_size"),
+                         "spatial_merge_size": clip.get("clip.vision.spatial_merge_size", 1)}
+    return Tekken(path, data)
