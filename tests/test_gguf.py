@@ -296,3 +296,46 @@ def test_text_file_as_mmproj_is_refused(weights, folder):
     write_text_gguf(folder / "t.gguf", weights, P)
     with pytest.raises(InputError, match="not a Pixtral mmproj"):
         load_model(folder / "t.gguf", mmproj=folder / "t.gguf")
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+@pytest.fixture(scope="module", params=["v7", "v11"])
+def gguf_tekken(request, tmp_path_factory):
+    """A GGUF holding only a tokenizer, made from an official-layout tekken.json of the real vocabulary as
+    llama.cpp's converter writes it; with that tekken.json."""
+    import json
+    from tekken_files import write_tekken
+    from gguf_files import add_tokenizer, tekken_tokens, _finish
+    folder = tmp_path_factory.mktemp(f"tok_{request.param}")
+    tekken = write_tekken(folder, request.param)
+    w = GGUFWriter(str(folder / "tok.gguf"), "llama")
+    tokens, types = tekken_tokens(json.loads(tekken.read_text(encoding="utf-8")))
+    add_tokenizer(w, tokens, types)
+    _finish(w)
+    return request.param, folder / "tok.gguf", tekken
+
+
+def test_gguf_tokenizer_gives_mistral_common_ids(gguf_tekken):
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+    from test_tokenizer import CONTROL_LOOKALIKES, CORPUS, differences
+    from tokenizer import Tokenizer
+    version, path, tekken = gguf_tekken
+    ours, theirs = Tokenizer.from_file(path), Tekkenizer.from_file(tekken)
+    assert ours.version == version and ours.n_words == 131072
+    assert [ours.special_id(n) for n in ("[INST]", "[IMG]", "[IMG_BREAK]", "<pad>")] == [3, 10, 12, 11]
+    problems = {s: found for s in CORPUS if (found := differences(ours, theirs, s))}
+    print(f"\n{version}: {len(CORPUS)} strings compared, {len(problems)} mismatches")
+    assert not problems
+    for text in CONTROL_LOOKALIKES:   # text never becomes a control token
+        assert not any(ours.is_special(i) for i in ours.encode(text))
+
+
+def test_a_tokenizer_that_is_not_tekken_is_refused(tmp_path):
+    from gguf_files import add_tokenizer, _finish
+    from tokenizer import Tokenizer
+    w = GGUFWriter(str(tmp_path / "llama3.gguf"), "llama")
+    add_tokenizer(w, ["a", "b"], [1, 1], pre="llama-bpe")
+    _finish(w)
+    with pytest.raises(InputError, match="not a Tekken tokenizer"):
+        Tokenizer.from_file(tmp_path / "llama3.gguf")
