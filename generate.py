@@ -5,6 +5,7 @@
     python generate.py --messages chat.json --tools tools.json
     python generate.py --temperature 0 --dump out.safetensors "Hello"    # then: python dump.py compare ...
     torchrun --nproc_per_node=2 generate.py "Hello"                      # split over 2 GPUs (parallel.py)
+    python generate.py --model unsloth/Mistral-Small-3.2-24B-Instruct-2506-GGUF:Q4_K_M "Hello"   # a GGUF
 
 The loop: encode the conversation (chat.py), prefill the prompt once, then sample one token per step
 through the KV cache until </s> or the token limit, streaming the text as it comes. The sampler and
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import gguf_file
 from chat import AssistantOutput, encode_chat, load_system_prompt, parse_output
 from dump import Recorder, write_dump
 from inputs import InputError, read_json
@@ -220,6 +222,25 @@ def partial_suffix(text: str, tag: str) -> int:
     return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
 
 
+# ----------------------------------------------------------------------------- files
+
+def resolve_weights(model: str, mmproj: str | None = None) -> tuple[Path, Path | bool | None]:
+    """The weights --model names: a folder (resolve_model), or a GGUF file and its mmproj."""
+    if model.endswith(".gguf") or gguf_file.HUB_QUANT.fullmatch(model):
+        return gguf_file.resolve_gguf(model, mmproj)
+    return resolve_model(model), None
+
+
+def load_tokenizer(path: str | None, folder: Path, checkpoint) -> Tokenizer:
+    """The tokenizer file given, else the model's own: tekken.json beside the weights, or a GGUF's
+    tokenizer.ggml.* (with the image settings of its mmproj)."""
+    if path is not None:
+        return gguf_file.gguf_tokenizer(path) if path.endswith(".gguf") else Tokenizer.from_file(path)
+    if checkpoint.layout == "gguf":
+        return gguf_file.gguf_tokenizer(folder, mmproj=checkpoint.files[-1] if checkpoint.vision else False)
+    return Tokenizer.from_file(tokenizer_file(folder))
+
+
 # ----------------------------------------------------------------------------- memory and stats
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -230,11 +251,23 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1000) / 1e9
 
 
-def print_stats(stats: Stats, device: torch.device):
+def decode_bytes(model) -> int:
+    """The weight bytes one decoding step reads: every weight but the vision side's and the embedding table
+    (one row of it). A tied head's table counts once, as the head."""
+    skip = ("tok_embeddings.", "vision_encoder.", "pre_mm_projector_norm.", "patch_merger.", "vision_language_adapter.")
+    tensors = {t.data_ptr(): t for name, t in model.state_dict().items() if not name.startswith(skip)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def print_stats(stats: Stats, device: torch.device, weight_bytes: int | None = None):
+    """weight_bytes: what decode_bytes gives; the line then adds the bandwidth that decoding achieved
+    (decoding is memory-bound: each token reads every weight once)."""
     decode_tokens = max(stats.generated_tokens - 1, 0)
+    rate = decode_tokens / max(stats.decode_s, 1e-9)
+    bandwidth = f" = {weight_bytes * rate / 1e9:.1f} GB/s of weights" if weight_bytes else ""
     print(f"[{stats.prompt_tokens} prompt tokens, time to first token {stats.prefill_s:.2f} s, "
           f"prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.1f} tok/s, "
-          f"decode {decode_tokens / max(stats.decode_s, 1e-9):.1f} tok/s ({stats.generated_tokens} tokens), "
+          f"decode {rate:.1f} tok/s{bandwidth} ({stats.generated_tokens} tokens), "
           f"peak memory {peak_memory_gb(device):.2f} GB]", file=sys.stderr)
 
 
@@ -256,20 +289,22 @@ class Session:
         reply = session.answer([{"role": "user", "content": "Hello"}])
         print(reply.output.content)
 
-    model: a local folder or a hub id; dtype: "bfloat16", "float16" or "float32"; compile: the decoding
-    step through torch.compile. The weights are loaded with the first answer, once its prompt is known
+    model: a local folder or a hub id, or a GGUF (FILE.gguf, or REPO:QUANT on the hub); dtype: "bfloat16",
+    "float16" or "float32"; compile: the decoding step through torch.compile. tokenizer: a tokenizer file
+    instead of the model's own; mmproj: a GGUF's vision file, or its type on the hub (see
+    gguf_file.resolve_gguf). The weights are loaded with the first answer, once its prompt is known
     to fit the context; sampling defaults come from the model card (see `sampling`).
     Under torchrun every rank makes its Session and asks it the same questions: the model is split
     over the ranks (parallel.py), each on its own GPU, and every rank gets the same reply."""
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "bfloat16",
-                 compile: bool = False):
+                 compile: bool = False, tokenizer: str | None = None, mmproj: str | None = None):
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-        self.folder = resolve_model(model)
+        self.folder, self.mmproj = resolve_weights(model, mmproj)
         self.name = model_name(model)
-        self.tokenizer = Tokenizer.from_file(tokenizer_file(self.folder))
-        self.checkpoint = read_checkpoint(self.folder)
+        self.checkpoint = read_checkpoint(self.folder, self.mmproj)
+        self.tokenizer = load_tokenizer(tokenizer, self.folder, self.checkpoint)
         if self.checkpoint.vision is not None:
             check_tokenizer(self.checkpoint.vision, self.tokenizer, str(self.checkpoint.config))
         self.context = self.checkpoint.args.max_position_embeddings
@@ -312,7 +347,8 @@ class Session:
     def load(self):
         """The model, loaded on first use."""
         if self.model is None:
-            self.model = load_model(self.folder, device=self.device, dtype=self.dtype, mesh=self.mesh)
+            self.model = load_model(self.folder, device=self.device, dtype=self.dtype, mesh=self.mesh,
+                                    mmproj=self.mmproj)
         return self.model
 
 
@@ -325,7 +361,8 @@ def card_help(field: str) -> str:
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype, --compile: what Session takes (generate.py and serve.py)."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder or hub id (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder or hub id (default: %(default)s), or "
+                                                        "a GGUF: FILE.gguf, or REPO:QUANT on the hub")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="compile the decoding step with torch.compile (one "
@@ -346,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the user message; read from standard input when absent")
     add_model_flags(p)
+    p.add_argument("--mmproj", help="a GGUF's vision file (default: the mmproj*.gguf beside it), the type to "
+                                    "download with REPO:QUANT (F16 (default), BF16, F32), or none")
+    p.add_argument("--tokenizer", help="a tokenizer file (tekken.json) instead of the model's own")
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     p.add_argument("--system", help="system prompt text, or a file holding it (default: the model's "
                                     "SYSTEM_PROMPT.txt, filled with its name and the dates)")
@@ -436,7 +476,7 @@ def respond(session: Session, messages: list[dict], tools, args) -> AssistantOut
     print(flush=True)
     if reply.output.tool_calls:
         print(json.dumps([vars(c) for c in reply.output.tool_calls], ensure_ascii=False, indent=2))
-    print_stats(reply.stats, session.device)
+    print_stats(reply.stats, session.device, decode_bytes(session.model))
     if recorder is not None:
         features = session.model.image_features(reply.images) if reply.images and args.dump_hidden else None
         write_dump(args.dump, reply.prompt_ids, reply.ids, recorder, features, {"model": args.model})
@@ -466,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_flags(parser, args)
     try:
-        session = Session(args.model, args.device, args.dtype, args.compile)
+        session = Session(args.model, args.device, args.dtype, args.compile, args.tokenizer, args.mmproj)
         session.sampling = flag_sampling(args, session.sampling)
         tools = read_json(Path(args.tools), f"--tools {args.tools}") if args.tools else None
         messages = first_messages(args, session)

@@ -1,9 +1,10 @@
 """GGUF files (llama.cpp's format): the community's quantized Mistral Small 3.x, read into the reference.
 
     read_gguf(path) -> GGUF                      the header: metadata and tensor infos (no tensor is read)
-    read_gguf_checkpoint(path, mmproj) -> Checkpoint     what load.read_checkpoint gives for a folder
-    load_gguf(checkpoint, device, dtype) -> model.Transformer (vision.VisionLanguageModel with an mmproj)
+    read_gguf_config(path, mmproj) -> ModelArgs, VisionArgs | None, files
+    load_gguf_weights(model, files, ...)         fills a model built on the meta device (load.load_model)
     gguf_tokenizer(path) -> tokenizer.Tekken     the file's own tokenizer (tokenizer.ggml.*)
+    resolve_gguf("REPO:QUANT") -> the files      downloads only that quant and the mmproj
 
 A text file (general.architecture "llama" for the 2025 community files, "mistral3" for current
 conversions) holds the text model; an mmproj file ("clip", projector "pixtral") the vision tower, the
@@ -34,7 +35,6 @@ from torch import nn
 
 import quants
 from inputs import InputError, MissingFileError
-from load import Checkpoint, _column_major, build_model
 from model import ModelArgs
 from tokenizer import Tekken
 from vision import NORM_EPS, VisionArgs
@@ -231,8 +231,9 @@ def find_mmproj(text: Path) -> Path | None:
     return found[0] if found else None
 
 
-def read_gguf_checkpoint(path, mmproj=None) -> Checkpoint:
-    """The model a GGUF text file (and an mmproj, given or found beside it) describes. mmproj False: none."""
+def read_gguf_config(path, mmproj=None) -> tuple[ModelArgs, VisionArgs | None, list[Path]]:
+    """The model a GGUF text file (and an mmproj, given or found beside it) describes, and its files: the
+    text file's parts, then the mmproj. mmproj False: none."""
     path = Path(path)
     parts = gguf_parts(path)
     text = read_gguf(parts[0])
@@ -250,7 +251,7 @@ def read_gguf_checkpoint(path, mmproj=None) -> Checkpoint:
         if dim != args.dim:
             raise InputError(f"{mmproj}: clip.vision.projection_dim is {dim}, the text model's width {args.dim}")
         parts = parts + [Path(mmproj)]
-    return Checkpoint("gguf", parts[0], parts, args, vision)
+    return args, vision, parts
 
 
 def _image_token_id(meta: dict) -> int:
@@ -308,13 +309,6 @@ def _tensor_bytes(data: np.ndarray, info: TensorInfo) -> torch.Tensor:
     return torch.from_numpy(data[info.offset:info.offset + info.n_bytes].reshape(rows, -1))
 
 
-def _float_tensor(blocks: torch.Tensor, info: TensorInfo, device, dtype) -> torch.Tensor:
-    """A tensor as an ordinary parameter: dequantized (F16 / BF16 exactly), on device, in dtype."""
-    rows = blocks.shape[0]
-    w = quants.dequantize(blocks, info.type_name, (rows, int(np.prod(info.shape)) // rows))
-    return w.view(info.shape).to(device=device, dtype=dtype)
-
-
 def _quantized_module(module: nn.Module, blocks: torch.Tensor, info: TensorInfo, source: str, dtype):
     try:
         kind = quants.QuantEmbedding if isinstance(module, nn.Embedding) else quants.QuantLinear
@@ -323,18 +317,16 @@ def _quantized_module(module: nn.Module, blocks: torch.Tensor, info: TensorInfo,
         raise InputError(f"{source}: tensor {info.name!r}: {e}") from None
 
 
-def load_gguf(checkpoint: Checkpoint, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """The model of a GGUF checkpoint (read_gguf_checkpoint). dtype: of the activations and of the float
-    parameters, float32 when None (a GGUF has no single stored dtype)."""
-    dtype = dtype or torch.float32
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = build_model(checkpoint.args, checkpoint.vision)
+def load_gguf_weights(model: nn.Module, files: list[Path], device, dtype, place, progress) -> None:
+    """Fill `model`, built on the meta device, with the tensors of GGUF `files` (text parts, then mmproj).
+    dtype: of the activations and of the float parameters. place(name, float32 tensor) puts a float
+    tensor where the model holds it (load._place); progress.update() is called per tensor."""
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     found = set()
-    for path in checkpoint.files:
+    for path in files:
         data = _mapped(path)
         for info in read_gguf(path).tensors.values():
+            progress.update()
             name = native_name(info.name)
             if info.name in SKIPPED:
                 continue
@@ -343,18 +335,18 @@ def load_gguf(checkpoint: Checkpoint, device="cpu", dtype: torch.dtype | None = 
                                  f"describes has no such weight")
             if info.shape != expected[name]:
                 raise InputError(f"{path}: tensor {info.name!r} has shape {info.shape}, expected {expected[name]}")
-            _assign(model, name, _tensor_bytes(data, info), info, str(path), device, dtype)
+            _assign(model, name, _tensor_bytes(data, info), info, str(path), device, dtype, place)
             found.add(name)
     if "output.weight" not in found and "tok_embeddings.weight" in found:
         model.output = _tied_head(model.tok_embeddings)   # as llama.cpp: no output.weight, the head is tied
         found.add("output.weight")
     missing = sorted(set(expected) - found)
     if missing:
-        raise InputError(f"{checkpoint.config}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return model.eval()
+        raise InputError(f"{files[0]}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
-def _assign(model: nn.Module, name: str, blocks: torch.Tensor, info: TensorInfo, source: str, device, dtype):
+def _assign(model: nn.Module, name: str, blocks: torch.Tensor, info: TensorInfo, source: str, device, dtype,
+            place):
     """Put one tensor in place: a quantized matrix replaces its nn.Linear / nn.Embedding by a quants module
     holding the blocks; anything else (floats; a quantized conv or biased linear, which are small) becomes
     an ordinary parameter."""
@@ -366,11 +358,12 @@ def _assign(model: nn.Module, name: str, blocks: torch.Tensor, info: TensorInfo,
         quantized = _quantized_module(module, blocks.to(device), info, source, dtype)
         setattr(model.get_submodule(parent), child, quantized)
         return
-    quants.check_type(f"{source}: tensor {info.name!r}", info.type_name)
-    w = _float_tensor(blocks, info, device, dtype)
-    if _column_major(name, w.shape, w.dtype, w.device):
-        w = w.t().contiguous().t()
-    setattr(module, attr, nn.Parameter(w, requires_grad=False))
+    try:
+        quants.check_type(f"{source}: tensor {info.name!r}", info.type_name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    w = quants.dequantize(blocks, info.type_name, (blocks.shape[0], int(np.prod(info.shape)) // blocks.shape[0]))
+    setattr(module, attr, nn.Parameter(place(name, w.view(info.shape)), requires_grad=False))
 
 
 def _tied_head(embedding: nn.Module) -> nn.Module:
@@ -436,3 +429,62 @@ def gguf_tokenizer(path, mmproj=None) -> Tekken:
                          "max_image_size": clip.get("clip.vision.image_size"),
                          "spatial_merge_size": clip.get("clip.vision.spatial_merge_size", 1)}
     return Tekken(path, data)
+
+
+# ----------------------------------------------------------------------------- files from the hub
+
+HUB_QUANT = re.compile(r"([\w.-]+/[\w.-]+):([\w.-]+)")   # llama.cpp's -hf syntax, REPO:QUANT
+MMPROJ_TYPES = ("F16", "BF16", "F32")
+
+
+def quant_files(files: list[str], quant: str) -> list[str]:
+    """The repository's files of one quant: NAME-QUANT.gguf, or its parts NAME-QUANT-0000k-of-0000n.gguf
+    (possibly in a folder), the quant matched case-insensitively as llama.cpp does."""
+    pattern = re.compile(rf"(.*[-_./])?{re.escape(quant)}(-\d{{5}}-of-\d{{5}})?\.gguf", re.IGNORECASE)
+    found = [f for f in files if pattern.fullmatch(f) and not Path(f).name.lower().startswith("mmproj")]
+    sets = {re.sub(r"-\d{5}-of-\d{5}\.gguf$", ".gguf", f) for f in found}
+    if len(sets) > 1:   # e.g. Q4_K_XL matching both NAME-Q4_K_XL and NAME-UD-Q4_K_XL
+        raise InputError(f"quant {quant!r} matches several files {sorted(sets)}; give the whole tag")
+    return sorted(found)
+
+
+def download_gguf(model: str, mmproj: str | None = "F16") -> tuple[Path, Path | None]:
+    """REPO:QUANT -> the local path of the quant's (first) file and of the mmproj of type `mmproj` (None:
+    none asked for, or the repository has none), downloaded once through huggingface_hub: only those files."""
+    import huggingface_hub
+    repo, quant = HUB_QUANT.fullmatch(model).groups()
+    try:
+        files = huggingface_hub.list_repo_files(repo)
+        text = quant_files(files, quant)
+        if not text:
+            quants_found = sorted({m.group(1) for f in files
+                                   if (m := re.search(r"-((?:UD-)?[A-Z0-9_]+?)(-\d{5}-of-\d{5})?\.gguf$", f))})
+            raise InputError(f"--model {model}: {repo} has no {quant} file (it has {', '.join(quants_found)})")
+        projectors = [f for f in files if mmproj and re.fullmatch(rf"(.*/)?mmproj.*{mmproj}\.gguf", f, re.IGNORECASE)]
+        folder = Path(huggingface_hub.snapshot_download(repo, allow_patterns=text + projectors[:1]))
+    except InputError:
+        raise
+    except Exception as e:   # no network, gated repository, missing login, typo in the id
+        raise MissingFileError(f"--model {model}: could not get the files from the Hugging Face hub "
+                               f"({type(e).__name__}: {e})") from None
+    return folder / text[0], (folder / projectors[0]) if projectors else None
+
+
+def resolve_gguf(model: str, mmproj: str | None = None) -> tuple[Path, Path | bool | None]:
+    """--model FILE.gguf or REPO:QUANT, and --mmproj (a file, a type for the hub: F16 (default), BF16,
+    F32, or "none") -> the text file and the mmproj for load_model (None: the one beside, False: none)."""
+    if mmproj == "none":
+        choice = False
+    elif mmproj is None or mmproj.upper() in MMPROJ_TYPES:
+        choice = None
+    else:
+        choice = Path(mmproj)
+        if not choice.is_file():
+            raise MissingFileError(f"--mmproj {mmproj}: no such file (or give a type: {', '.join(MMPROJ_TYPES)})")
+    if HUB_QUANT.fullmatch(model) and not Path(model).exists():
+        text, found = download_gguf(model, (mmproj or "F16").upper() if choice is None else None)
+        return text, (found or False) if choice is None else choice
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise MissingFileError(f"--model {model}: no such GGUF file")
+    return path, choice

@@ -22,7 +22,9 @@ import huggingface_hub
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.distributed.device_mesh import DeviceMesh
+from tqdm import tqdm
 
+from gguf_file import load_gguf_weights, read_gguf_config
 from inputs import InputError, MissingFileError, read_json
 from model import ModelArgs, Transformer
 from parallel import as_shard, parallelize, shard_region
@@ -161,8 +163,8 @@ def read_checkpoint(folder: Path, mmproj=None) -> Checkpoint:
     """The folder's layout, weight files and configuration (no tensor is read). A .gguf file instead
     of a folder is read by gguf_file (layout "gguf"), with its mmproj (given or found beside it)."""
     if str(folder).endswith(".gguf"):
-        from gguf_file import read_gguf_checkpoint   # the GGUF module needs the optional gguf package
-        return read_gguf_checkpoint(folder, mmproj)
+        args, vision, files = read_gguf_config(folder, mmproj)
+        return Checkpoint("gguf", files[0], files, args, vision)
     if (folder / "params.json").is_file():
         config, layout = folder / "params.json", "native"
         args, vision = parse_params(read_json(config), str(config))
@@ -197,6 +199,7 @@ def _read_tensors(checkpoint: Checkpoint, expected: dict, dtype, device) -> dict
     (name -> the model's tensor on the meta device: its shape and, split by parallel.py, the slice
     that this rank holds), cast to dtype and placed on device one at a time."""
     state, layout, files = {}, checkpoint.layout, checkpoint.files
+    progress = loading_bar(len(expected), files[0].parent.name)
     for path in files:
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
@@ -220,12 +223,19 @@ def _read_tensors(checkpoint: Checkpoint, expected: dict, dtype, device) -> dict
                     state[name] = as_shard(_place(t.narrow(dim, start, length).clone(), name, checkpoint,
                                                   dtype, device), like)
                 del t   # unmaps a converted tensor's pages now
+                progress.update()
         except SafetensorError as e:
             raise InputError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
+    progress.close()
     missing = sorted(set(expected) - set(state))
     if missing:
         raise InputError(f"{files[0].parent}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return state
+
+
+def loading_bar(total: int, name: str) -> tqdm:
+    """A progress bar over the tensors loaded, shown only once loading has taken more than a second."""
+    return tqdm(total=total, desc=f"loading {name}", unit=" tensors", delay=1, leave=False)
 
 
 def _mapped_tensor(path: Path, key: str) -> torch.Tensor:
@@ -266,16 +276,22 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, mesh: Devic
     Or a GGUF file (a split set by any of its parts; see gguf_file.py) with the vision tower of the
     mmproj file `mmproj`, or of the mmproj*.gguf beside it when None (False: text only)."""
     folder = Path(path)
-    if folder.suffix == ".gguf":
-        from gguf_file import load_gguf
-        return load_gguf(read_checkpoint(folder, mmproj), device, dtype)
-    if not folder.is_dir():
+    if folder.suffix != ".gguf" and not folder.is_dir():
         raise MissingFileError(f"{folder}: no such model folder")
-    checkpoint = read_checkpoint(folder)
+    checkpoint = read_checkpoint(folder, mmproj)
     # Build on the meta device (no memory) and then assign the tensors read from disk, so that
     # the weights are held once.
     with torch.device("meta"):
         model = build_model(checkpoint.args, checkpoint.vision)
+    if checkpoint.layout == "gguf":
+        if mesh is not None:
+            raise InputError(f"{folder}: tensor parallel (parallel.py) is not implemented for GGUF files")
+        # A GGUF has no single stored dtype: float32 unless asked (for the activations and float tensors).
+        dtype = dtype or torch.float32
+        with loading_bar(len(model.state_dict()), folder.name) as progress:
+            load_gguf_weights(model, checkpoint.files, device, dtype,
+                              lambda name, t: _place(t, name, checkpoint, dtype, device), progress)
+        return model.eval()
     if mesh is not None:
         parallelize(model, mesh)   # still on meta: the split weights become DTensors of their slices
     state = _read_tensors(checkpoint, model.state_dict(), dtype, device)

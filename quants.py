@@ -14,11 +14,15 @@ the IQ codebooks (grids, sign patterns, IQ4 values) are read from it at run time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf import quants as gguf_quants
 from torch import nn
 
-QType = str | GGMLQuantizationType  # a type's name, or gguf's enum as GGUFReader gives it
+try:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import quants as gguf_quants
+except ImportError:   # optional: load.py imports this module for every checkpoint, only GGUF files need gguf
+    GGML_QUANT_SIZES = GGMLQuantizationType = gguf_quants = None
+
+QType = str | object  # a type's name, or gguf's GGMLQuantizationType as GGUFReader gives it
 
 
 # ----------------------------------------------------------------------------- bytes to fields
@@ -246,13 +250,19 @@ _DEQUANTIZE = {
     "IQ2_S": _iq2_s, "IQ2_XS": _iq2_xs, "IQ2_XXS": _iq2_xxs, "IQ1_S": _iq1_s, "IQ1_M": _iq1_m,
 }
 # (weights, bytes) per block of every type we dequantize; bits per weight = 8 * bytes / weights.
-BLOCK = {name: GGML_QUANT_SIZES[GGMLQuantizationType[name]] for name in _DEQUANTIZE}
+BLOCK = {name: GGML_QUANT_SIZES[GGMLQuantizationType[name]] for name in _DEQUANTIZE} if GGML_QUANT_SIZES else {}
 
 
 # ----------------------------------------------------------------------------- entry points
 
+def require_gguf():
+    if GGML_QUANT_SIZES is None:
+        raise ImportError("GGUF files need the gguf package (llama.cpp's): pip install gguf")
+
+
 def check_type(name: str, qtype: QType) -> str:
     """The name of qtype if dequantize handles it; otherwise a ValueError naming the tensor `name`."""
+    require_gguf()
     type_name = qtype if isinstance(qtype, str) else qtype.name
     if type_name not in _DEQUANTIZE:
         supported = ", ".join(_DEQUANTIZE)

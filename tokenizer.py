@@ -67,9 +67,6 @@ class Tokenizer:
             raise MissingFileError(f"tokenizer file not found: {path}")
         with open(path, "rb") as f:
             looks_like_json = f.read(64).lstrip().startswith(b"{")
-        if path.suffix == ".gguf":
-            from gguf_file import gguf_tokenizer   # the GGUF module needs the optional gguf package
-            return gguf_tokenizer(path)
         if path.suffix == ".json" or looks_like_json:
             return Tekken(path)
         if ".model" in path.name:

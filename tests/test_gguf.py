@@ -220,9 +220,9 @@ print(status("VmHWM") - base)   # VmHWM: this process's peak (ru_maxrss would in
 
 
 def test_peak_memory_of_a_q4_k_model_is_about_its_file_size(tmp_path):
-    """A 230-layer Q4_K model of 100 MB (random blocks), loaded and run once in a fresh process: the blocks
-    are the file's pages, and only one matrix at a time (200 k weights here) is dequantized."""
-    params = {**P, "n_layers": 230, "dim": 256, "hidden_dim": 768}
+    """A 115-layer Q4_K model of 103 MB (random blocks), loaded and run once in a fresh process: the blocks
+    are the file's pages, and only one matrix at a time (400 k weights here) is dequantized."""
+    params = {**P, "n_layers": 115, "hidden_dim": 768}
     write_random_q4_k(tmp_path / "big.gguf", params)
     size = (tmp_path / "big.gguf").stat().st_size
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "big.gguf")], capture_output=True,
@@ -267,8 +267,8 @@ def test_mmproj_gives_the_native_multimodal_logits(vision_weights, folder):
 @pytest.mark.parametrize("types", ["F16", "Q8_0"])
 def test_quantized_mmproj(vision_weights, folder, types):
     write_text_gguf(folder / "vtext.gguf", vision_weights, VISION_PARAMS)
-    write_mmproj(folder / f"mmproj_{types}.gguf", vision_weights, VISION_PARAMS, types)
-    ours = load_model(folder / "vtext.gguf", mmproj=folder / f"mmproj_{types}.gguf")
+    write_mmproj(folder / f"vproj_{types}.gguf", vision_weights, VISION_PARAMS, types)
+    ours = load_model(folder / "vtext.gguf", mmproj=folder / f"vproj_{types}.gguf")
     quantized = isinstance(ours.vision_encoder.transformer.layers[0].attention.wq, quants.QuantLinear)
     assert quantized == (types == "Q8_0")
     d = vision_diff(ours, dequantized_mmproj(vision_weights, types))
@@ -281,8 +281,8 @@ def test_a_vision_permutation_applied_by_mistake_fails(vision_weights, folder):
     heads = VISION_PARAMS["vision_encoder"]["num_attention_heads"]
     wrong = {k: permute_rotary(w, heads) if k.startswith("vision_encoder") and ".wk." in k else w
              for k, w in vision_weights.items()}
-    write_mmproj(folder / "mmproj_perm.gguf", wrong, VISION_PARAMS, "F32")
-    assert vision_diff(load_model(folder / "vtext.gguf", mmproj=folder / "mmproj_perm.gguf"), vision_weights) > 1e-3
+    write_mmproj(folder / "vproj_perm.gguf", wrong, VISION_PARAMS, "F32")
+    assert vision_diff(load_model(folder / "vtext.gguf", mmproj=folder / "vproj_perm.gguf"), vision_weights) > 1e-3
 
 
 def test_mmproj_that_says_gelu_is_warned_and_runs_silu(vision_weights, folder):
@@ -319,9 +319,8 @@ def gguf_tekken(request, tmp_path_factory):
 def test_gguf_tokenizer_gives_mistral_common_ids(gguf_tekken):
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
     from test_tokenizer import CONTROL_LOOKALIKES, CORPUS, differences
-    from tokenizer import Tokenizer
     version, path, tekken = gguf_tekken
-    ours, theirs = Tokenizer.from_file(path), Tekkenizer.from_file(tekken)
+    ours, theirs = gguf_file.gguf_tokenizer(path), Tekkenizer.from_file(tekken)
     assert ours.version == version and ours.n_words == 131072
     assert [ours.special_id(n) for n in ("[INST]", "[IMG]", "[IMG_BREAK]", "<pad>")] == [3, 10, 12, 11]
     problems = {s: found for s in CORPUS if (found := differences(ours, theirs, s))}
@@ -333,9 +332,132 @@ def test_gguf_tokenizer_gives_mistral_common_ids(gguf_tekken):
 
 def test_a_tokenizer_that_is_not_tekken_is_refused(tmp_path):
     from gguf_files import add_tokenizer, _finish
-    from tokenizer import Tokenizer
     w = GGUFWriter(str(tmp_path / "llama3.gguf"), "llama")
     add_tokenizer(w, ["a", "b"], [1, 1], pre="llama-bpe")
     _finish(w)
     with pytest.raises(InputError, match="not a Tekken tokenizer"):
-        Tokenizer.from_file(tmp_path / "llama3.gguf")
+        gguf_file.gguf_tokenizer(tmp_path / "llama3.gguf")
+
+
+# ----------------------------------------------------------------------------- the command line
+
+CLI_PARAMS = {**TINY_VISION_PARAMS, "vocab_size": 131072, "max_position_embeddings": 600}
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """The same tiny multimodal model as an official folder (tekken.json) and as GGUF files: an F32 text file
+    with the tokenizer, and an F32 mmproj beside it."""
+    import json
+    from checkpoints import write_native
+    from gguf_files import tekken_tokens
+    from tekken_files import write_tekken
+    native = tmp_path_factory.mktemp("native")
+    weights = write_native(native, CLI_PARAMS, seed=3)
+    tekken = write_tekken(native, "v11")
+    gguf = tmp_path_factory.mktemp("gguf")
+    tokens, types = tekken_tokens(json.loads(tekken.read_text(encoding="utf-8")))
+    write_text_gguf(gguf / "Tiny-Q.gguf", weights, CLI_PARAMS, tokenizer={"tokens": tokens, "types": types})
+    write_mmproj(gguf / "mmproj-F32.gguf", weights, CLI_PARAMS, "F32")
+    return native, gguf / "Tiny-Q.gguf"
+
+
+def test_a_gguf_session_answers_as_the_official_files(cli_files):
+    """Text file, mmproj and tokenizer all from the GGUFs: the same greedy answer to a message with an image."""
+    from PIL import Image
+    native, gguf = cli_files
+    image = gguf.parent / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(image)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": str(image)}}]}]
+    sampling = generate.Sampling(temperature=0.0, max_tokens=6)
+    ours = generate.Session(str(gguf), dtype="float32").answer(messages, sampling=sampling)
+    official = generate.Session(str(native), dtype="float32").answer(messages, sampling=sampling)
+    assert ours.prompt_ids == official.prompt_ids and ours.ids == official.ids
+
+
+def test_cli_runs_a_gguf_with_a_tokenizer_override_and_prints_the_bandwidth(cli_files, capsys):
+    native, gguf = cli_files
+    args = ["--model", str(gguf), "--tokenizer", str(native / "tekken.json"), "--mmproj", "none",
+            "--temperature", "0", "--max-tokens", "4", "--dtype", "float32", "Hello"]
+    assert generate.main(args) == 0
+    assert "GB/s of weights" in capsys.readouterr().err
+
+
+def test_hub_quant_downloads_only_that_quant_and_the_f16_mmproj(cli_files, monkeypatch):
+    import huggingface_hub
+    _, gguf = cli_files
+    files = ["README.md", "Tiny-Q.gguf", "Tiny-UD-Q4_K_XL.gguf", "Tiny-Q8_0.gguf",
+             "BF16/Tiny-BF16-00001-of-00002.gguf", "BF16/Tiny-BF16-00002-of-00002.gguf",
+             "mmproj-F16.gguf", "mmproj-BF16.gguf", "mmproj-F32.gguf"]
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, **kw: files)
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(gguf.parent)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    text, mmproj = gguf_file.resolve_gguf("someone/Tiny-GGUF:q")
+    assert calls[-1] == ("someone/Tiny-GGUF", ["Tiny-Q.gguf", "mmproj-F16.gguf"])
+    assert text == gguf and mmproj == gguf.parent / "mmproj-F16.gguf"
+    gguf_file.resolve_gguf("someone/Tiny-GGUF:BF16", mmproj="f32")
+    assert calls[-1][1] == ["BF16/Tiny-BF16-00001-of-00002.gguf", "BF16/Tiny-BF16-00002-of-00002.gguf",
+                            "mmproj-F32.gguf"]
+    gguf_file.resolve_gguf("someone/Tiny-GGUF:Q4_K_XL", mmproj="none")
+    assert calls[-1][1] == ["Tiny-UD-Q4_K_XL.gguf"]
+    with pytest.raises(InputError, match="has no Q5_K_M file"):
+        gguf_file.resolve_gguf("someone/Tiny-GGUF:Q5_K_M")
+
+
+# ----------------------------------------------------------------------------- the KL report
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    import quant_report
+    chunks = torch.randint(0, P["vocab_size"], (3, 48), generator=torch.Generator().manual_seed(5)).int()
+    return quant_report.make_reference(native_model(weights), chunks, top_k=32)
+
+
+def test_the_report_of_a_model_against_itself_is_zero(weights, reference, tmp_path):
+    import quant_report
+    quant_report.save_reference(tmp_path / "ref.safetensors", reference, {"model": "tiny"})
+    ref, about = quant_report.load_reference(tmp_path / "ref.safetensors")
+    text = quant_report.score(native_model(weights), ref)["text"]
+    assert text["positions"] == 3 * 23 and about["model"] == "tiny"
+    assert text["kl_max"] == 0 and text["top1"] == 1 and text["ppl_ratio"] == 1
+
+
+def test_the_report_orders_the_quants(weights, reference, folder, capsys):
+    import quant_report
+    results = {}
+    for types in ("Q8_0", "Q4_K", "Q2_K"):
+        write_text_gguf(folder / f"kl_{types}.gguf", weights, P, types)
+        results[types] = quant_report.score(load_model(folder / f"kl_{types}.gguf"), reference)
+        quant_report.print_report(results[types], f"kl_{types}.gguf", "tiny (float32)")
+    print(capsys.readouterr().out)
+    kl = [results[t]["text"]["kl_mean"] for t in ("Q8_0", "Q4_K", "Q2_K")]
+    assert 0 < kl[0] < kl[1] < kl[2]
+    assert results["Q8_0"]["text"]["top1"] >= results["Q2_K"]["text"]["top1"]
+
+
+def test_the_full_vocabulary_top_k_gives_the_exact_kl(weights):
+    import quant_report
+    chunks = torch.randint(0, P["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(6)).int()
+    reference = quant_report.make_reference(native_model(weights), chunks, top_k=P["vocab_size"])
+    other = native_model(dequantized(weights, "Q4_K"))
+    p = quant_report.logprobs(native_model(weights), chunks[0])[8:15]
+    q = quant_report.logprobs(other, chunks[0])[8:15]
+    exact = (p.exp() * (p - q)).sum(-1).double().mean().item()
+    assert quant_report.score(other, reference)["text"]["kl_mean"] == pytest.approx(exact, rel=1e-4)
+
+
+def test_the_report_on_a_conversation_with_an_image(vision_weights, folder):
+    import quant_report
+    toks, images = vision_inputs()
+    chat = (toks[0].int(), images, len(toks[0]) - 4)
+    chunks = torch.randint(0, P["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(7)).int()
+    reference = quant_report.make_reference(native_model(vision_weights, VISION_PARAMS), chunks, 32, chat)
+    write_text_gguf(folder / "kl_vtext.gguf", vision_weights, VISION_PARAMS, "Q8_0")
+    write_mmproj(folder / "kl_vproj.gguf", vision_weights, VISION_PARAMS, "Q8_0")
+    result = quant_report.score(load_model(folder / "kl_vtext.gguf", mmproj=folder / "kl_vproj.gguf"), reference)
+    assert result["chat"]["positions"] == 3 and 0 < result["chat"]["kl_mean"] < 0.1
