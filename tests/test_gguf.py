@@ -109,6 +109,14 @@ def test_quantized_file_equals_the_native_path_on_its_dequantized_weights(weight
     assert d <= 1e-5
 
 
+def test_a_quantized_tied_head_shares_the_embedding_blocks(weights, folder):
+    tied = dict(weights, **{"output.weight": weights["tok_embeddings.weight"]})
+    write_text_gguf(folder / "tied_q4_k.gguf", tied, P, "Q4_K", tied=True)
+    ours = load_model(folder / "tied_q4_k.gguf")
+    assert ours.output.blocks.data_ptr() == ours.tok_embeddings.blocks.data_ptr()
+    assert diff(ours, native_model(dequantized(tied, "Q4_K"))) <= 1e-5
+
+
 @pytest.mark.parametrize("types", ["F32", "Q8_0", "Q4_K", "mixed"])
 def test_quantized_file_equals_transformers_reading_it(weights, folder, types):
     name = f"hf_{types}.gguf"
