@@ -55,9 +55,10 @@ def conversation(tokenizer, messages: list[dict]) -> tuple[torch.Tensor, list[to
     position: the answer's tokens are scored, given the conversation and its images."""
     if not messages or messages[-1].get("role") != "assistant":
         raise InputError("--messages: the conversation must end with the assistant answer to score")
-    ids, images = encode_chat(tokenizer, messages)
+    # The answer as a prefix to continue (chat.py ends a prompt there), then the </s> that closes it.
+    ids, images = encode_chat(tokenizer, messages[:-1] + [{**messages[-1], "prefix": True}])
     prompt, _ = encode_chat(tokenizer, messages[:-1])
-    return torch.tensor(ids, dtype=torch.int32), images, len(prompt) - 1
+    return torch.tensor(ids + [tokenizer.eos_id], dtype=torch.int32), images, len(prompt) - 1
 
 
 # ----------------------------------------------------------------------------- the reference

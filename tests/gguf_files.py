@@ -128,10 +128,11 @@ def text_type(name: str, types) -> str:
 
 
 def write_text_gguf(path, weights: dict, params: dict, types="F32", arch: str = "llama", tied: bool = False,
-                    tokenizer: dict | None = None, permute=None, split: int = 0):
+                    tokenizer: dict | None = None, permute=None, split: int = 0, key_length: bool = True):
     """Write the text model `weights` (native names) as a GGUF of `arch`. tied: no output.weight.
     permute(name, w): a mistake applied to a tensor before writing, for negative controls.
-    split: at most this many tensors per file, as PATH-0000k-of-0000n.gguf (gguf's own splitting)."""
+    split: at most this many tensors per file, as PATH-0000k-of-0000n.gguf (gguf's own splitting).
+    key_length False: no attention.key_length / value_length (head_dim), as in files of other models."""
     w = GGUFWriter(str(path), arch, split_max_tensors=split)
     w.add_context_length(params.get("max_position_embeddings", 131072))
     w.add_embedding_length(params["dim"])
@@ -139,8 +140,9 @@ def write_text_gguf(path, weights: dict, params: dict, types="F32", arch: str = 
     w.add_feed_forward_length(params["hidden_dim"])
     w.add_head_count(params["n_heads"])
     w.add_head_count_kv(params["n_kv_heads"])
-    w.add_key_length(params["head_dim"])
-    w.add_value_length(params["head_dim"])
+    if key_length:
+        w.add_key_length(params["head_dim"])
+        w.add_value_length(params["head_dim"])
     w.add_rope_dimension_count(params["head_dim"])
     w.add_rope_freq_base(params["rope_theta"])
     w.add_layer_norm_rms_eps(params["norm_eps"])

@@ -143,12 +143,12 @@ def test_mistral3_architecture_and_a_split_set(weights, folder):
     assert diff(load_model(parts[1]), native_model(dequantized(weights, "Q8_0"))) <= 1e-5
 
 
-def test_head_dim_falls_back_to_dim_over_heads_and_the_shape_check_names_the_tensor(weights, folder):
-    path = folder / "no_key_length.gguf"
-    write_text_gguf(path, weights, P)
-    meta = gguf_file.read_gguf(path).metadata
-    del meta["llama.attention.key_length"]
-    assert gguf_file.text_args(meta, "x").head_dim == P["dim"] // P["n_heads"]
+def test_without_key_length_head_dim_is_dim_over_heads_and_the_shape_check_names_the_tensor(weights, folder):
+    """As llama.cpp: head_dim = D / H (here 128, not the model's 64), which attn_q's shape then refutes."""
+    write_text_gguf(folder / "no_key_length.gguf", weights, P, key_length=False)
+    assert gguf_file.text_args(gguf_file.read_gguf(folder / "no_key_length.gguf").metadata, "x").head_dim == 128
+    with pytest.raises(InputError, match=r"blk\.0\.attn_q\.weight' has shape \(256, 512\), expected \(512, 512\)"):
+        load_model(folder / "no_key_length.gguf")
 
 
 def test_unsupported_type_is_refused_with_the_tensor_name(weights, folder):
@@ -469,3 +469,29 @@ def test_the_report_on_a_conversation_with_an_image(vision_weights, folder):
     write_mmproj(folder / "kl_vproj.gguf", vision_weights, VISION_PARAMS, "Q8_0")
     result = quant_report.score(load_model(folder / "kl_vtext.gguf", mmproj=folder / "kl_vproj.gguf"), reference)
     assert result["chat"]["positions"] == 3 and 0 < result["chat"]["kl_mean"] < 0.1
+
+
+def test_quant_report_command_line(cli_files, tmp_path, capsys):
+    """reference over a text file and a conversation with an image (official folder), then score a GGUF of
+    the same float32 weights: the same distributions."""
+    import json
+    import quant_report
+    from PIL import Image
+    native, gguf = cli_files
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    chat = [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                         {"type": "image_url", "image_url": {"url": str(tmp_path / "a.png")}}]},
+            {"role": "assistant", "content": "A picture of noise."}]
+    (tmp_path / "chat.json").write_text(json.dumps(chat))
+    ref = tmp_path / "ref.safetensors"
+    assert quant_report.main(["reference", "--model", str(native), "--text", str(tmp_path / "text.txt"),
+                              "--context", "32", "--chunks", "3", "--messages", str(tmp_path / "chat.json"),
+                              "--out", str(ref)]) == 0
+    assert quant_report.main(["score", "--model", str(gguf), "--reference", str(ref),
+                              "--json", str(tmp_path / "r.json")]) == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    print(capsys.readouterr().out)
+    assert results["text"]["positions"] == 3 * 15 and results["chat"]["positions"] >= 5
+    for part in ("text", "chat"):
+        assert results[part]["kl_max"] < 1e-9 and results[part]["top1"] == 1
