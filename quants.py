@@ -22,7 +22,7 @@ try:
 except ImportError:   # optional: load.py imports this module for every checkpoint, only GGUF files need gguf
     GGML_QUANT_SIZES = GGMLQuantizationType = gguf_quants = None
 
-QType = str | object  # a type's name, or gguf's GGMLQuantizationType as GGUFReader gives it
+QType = "str | GGMLQuantizationType"  # a type's name, or gguf's enum as GGUFReader gives it
 
 
 # ----------------------------------------------------------------------------- bytes to fields

@@ -6,11 +6,16 @@ The float and legacy types are written by gguf's own quantizer; gguf cannot writ
 Q2_K blocks are packed here by a plain min / max quantizer: real approximations of the float weights (a
 random block would be noise), bit-packed as ggml lays them out and read back through gguf's dequantize.
 """
+import base64
+
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFWriter
+from gguf import GGUFWriter
 from gguf import GGMLQuantizationType as GGML
 from gguf.quants import dequantize, quantize
+
+from checkpoints import real_text_shapes
+from gguf_file import byte_alphabet
 
 # Dims that whole 256-weight K blocks divide: D 512, H 4 x Dh 64 = 256 (!= D / H = 128), K 2 (GQA 2:1),
 # hidden 768 = 3 x 256, an untied head.
@@ -155,7 +160,7 @@ def write_text_gguf(path, weights: dict, params: dict, types="F32", arch: str = 
         if permute is not None:
             t = permute(name, t)
         add_tensor(w, gguf_name(name), t.float(), text_type(name, types))
-    _finish(w)
+    finish(w)
 
 
 VISION_PREFIXES = ("vision_encoder.", "pre_mm_projector_norm.", "patch_merger.", "vision_language_adapter.")
@@ -196,17 +201,15 @@ def write_mmproj(path, weights: dict, params: dict, types="F16", activation: str
         if name.startswith(VISION_PREFIXES):
             add_tensor(w, gguf_name(name), t.float(), mmproj_type(t, types))
     add_tensor(w, "v.token_embd.img_break", weights["tok_embeddings.weight"][12].float(), "F32")
-    _finish(w)
+    finish(w)
 
 
 def tekken_tokens(tekken: dict) -> tuple[list[str], list[int]]:
     """tokenizer.ggml.tokens and token_type of a tekken.json document, as llama.cpp writes them: the
     control tokens by name, then each token's bytes in GPT-2's byte alphabet."""
-    from gguf_file import byte_alphabet
     char = {b: c for c, b in byte_alphabet().items()}
     n_special = tekken["config"]["default_num_special_tokens"]
     n_regular = tekken["config"]["default_vocab_size"] - n_special
-    import base64
     names = [s["token_str"] for s in tekken["special_tokens"]][:n_special]
     regular = ["".join(char[b] for b in base64.b64decode(e["token_bytes"])) for e in tekken["vocab"][:n_regular]]
     return names + regular, [3] * n_special + [1] * n_regular
@@ -221,7 +224,7 @@ def add_tokenizer(w: GGUFWriter, tokens: list[str], types: list[int], pre: str =
     w.add_eos_token_id(2)
 
 
-def _finish(w: GGUFWriter):
+def finish(w: GGUFWriter):
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -238,7 +241,6 @@ def random_q4_k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 
 def write_random_q4_k(path, params: dict):
     """A text GGUF of `params` whose every matrix is random Q4_K blocks (norms F32 ones)."""
-    from checkpoints import real_text_shapes
     w = GGUFWriter(str(path), "llama")
     for key, value in [("embedding_length", params["dim"]), ("block_count", params["n_layers"]),
                        ("feed_forward_length", params["hidden_dim"]), ("attention.head_count", params["n_heads"]),
@@ -253,4 +255,4 @@ def write_random_q4_k(path, params: dict):
             w.add_tensor(gguf_name(name), np.ones(shape, np.float32))
         else:
             w.add_tensor(gguf_name(name), random_q4_k(*shape, rng), raw_dtype=GGML.Q4_K)
-    _finish(w)
+    finish(w)

@@ -3,25 +3,32 @@ transformers' own GGUF reader, the mmproj, the tokenizer, memory, and the header
 
 Files are written by tests/gguf_files.py from tiny random checkpoints, as llama.cpp's converter lays them out.
 """
+import json
 import subprocess
 import sys
-import textwrap
-import warnings
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader, GGUFWriter
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 import generate
 import gguf_file
+import quant_report
 import quants
 from checkpoints import (TINY_VISION_PARAMS, image_tokens, permute_rotary, random_weights, real_text_shapes,
-                         real_vision_shapes)
-from gguf_files import (QUANT_PARAMS, VISION_PREFIXES, decoded, dequantized_mmproj, text_type, write_mmproj,
-                        write_random_q4_k, write_text_gguf)
+                         real_vision_shapes, write_native)
+from gguf_files import (QUANT_PARAMS, VISION_PREFIXES, add_tokenizer, decoded, dequantized_mmproj, finish,
+                        tekken_tokens, text_type, write_mmproj, write_random_q4_k, write_text_gguf)
 from inputs import InputError
 from load import build_model, load_model, parse_params
+from tekken_files import write_tekken
+from test_tokenizer import CONTROL_LOOKALIKES, CORPUS, differences
 
 P = QUANT_PARAMS
 VISION_PARAMS = {**P, "vision_encoder": {**TINY_VISION_PARAMS["vision_encoder"], "num_hidden_layers": 3}}
@@ -69,8 +76,6 @@ def diff(a, b, toks=None) -> float:
 @torch.no_grad()
 def transformers_model(folder, name: str):
     """transformers reading the GGUF itself: its config, its dequantization and its q / k permutation."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, gguf_file=name)).eval()
     # load_gguf_checkpoint rather than from_pretrained(gguf_file=), which also wants accelerate
     state = load_gguf_checkpoint(str(folder / name), return_tensors=True, model_to_load=model)["tensors"]
@@ -155,7 +160,7 @@ def test_unsupported_type_is_refused_with_the_tensor_name(weights, folder):
     path = folder / "tq.gguf"
     w = GGUFWriter(str(path), "llama")
     w.add_tensor("blk.0.attn_q.weight", np.zeros((256, 54 * 2), np.uint8), raw_dtype=quants.GGMLQuantizationType.TQ1_0)
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    finish(w)
     info = gguf_file.read_gguf(path).tensors["blk.0.attn_q.weight"]
     with pytest.raises(InputError, match=r"blk\.0\.attn_q\.weight.*TQ1_0"):
         gguf_file._quantized_module(torch.nn.Linear(1, 1), torch.zeros(1), info, str(path), torch.float32)
@@ -181,8 +186,8 @@ def test_header_parser_equals_gguf_reader(weights, folder):
     assert len(ours.tensors) == len(theirs.tensors)
     for t in theirs.tensors:
         mine = ours.tensors[t.name]
-        assert (mine.type_name, mine.shape, mine.n_bytes) == (t.tensor_type.name, tuple(t.data.shape[:1]) +
-                                                               mine.shape[1:], t.n_bytes)
+        assert mine.type_name == t.tensor_type.name and mine.n_bytes == t.n_bytes
+        assert mine.shape == tuple(int(n) for n in reversed(t.shape))   # GGUF's ne, innermost first
         assert np.array_equal(gguf_file._tensor_bytes(gguf_file._mapped(path), mine).numpy().ravel(), t.data.view(np.uint8).ravel())
 
 
@@ -208,9 +213,8 @@ def test_the_decoding_step_is_one_graph(weights, folder):
 MEMORY_SCRIPT = """
 import sys, torch
 sys.path[:0] = [".", "tests"]
-from load import build_model, load_model
 from gguf_files import QUANT_PARAMS
-from load import parse_params
+from load import build_model, load_model, parse_params
 def status(key): return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 # torch's one-off costs of a first model built on the meta device and a first forward (about 75 MB)
 tiny = parse_params({**QUANT_PARAMS, "n_layers": 1})
@@ -312,21 +316,16 @@ def test_text_file_as_mmproj_is_refused(weights, folder):
 def gguf_tekken(request, tmp_path_factory):
     """A GGUF holding only a tokenizer, made from an official-layout tekken.json of the real vocabulary as
     llama.cpp's converter writes it; with that tekken.json."""
-    import json
-    from tekken_files import write_tekken
-    from gguf_files import add_tokenizer, tekken_tokens, _finish
     folder = tmp_path_factory.mktemp(f"tok_{request.param}")
     tekken = write_tekken(folder, request.param)
     w = GGUFWriter(str(folder / "tok.gguf"), "llama")
     tokens, types = tekken_tokens(json.loads(tekken.read_text(encoding="utf-8")))
     add_tokenizer(w, tokens, types)
-    _finish(w)
+    finish(w)
     return request.param, folder / "tok.gguf", tekken
 
 
 def test_gguf_tokenizer_gives_mistral_common_ids(gguf_tekken):
-    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
-    from test_tokenizer import CONTROL_LOOKALIKES, CORPUS, differences
     version, path, tekken = gguf_tekken
     ours, theirs = gguf_file.gguf_tokenizer(path), Tekkenizer.from_file(tekken)
     assert ours.version == version and ours.n_words == 131072
@@ -339,10 +338,9 @@ def test_gguf_tokenizer_gives_mistral_common_ids(gguf_tekken):
 
 
 def test_a_tokenizer_that_is_not_tekken_is_refused(tmp_path):
-    from gguf_files import add_tokenizer, _finish
     w = GGUFWriter(str(tmp_path / "llama3.gguf"), "llama")
     add_tokenizer(w, ["a", "b"], [1, 1], pre="llama-bpe")
-    _finish(w)
+    finish(w)
     with pytest.raises(InputError, match="not a Tekken tokenizer"):
         gguf_file.gguf_tokenizer(tmp_path / "llama3.gguf")
 
@@ -356,10 +354,6 @@ CLI_PARAMS = {**TINY_VISION_PARAMS, "vocab_size": 131072, "max_position_embeddin
 def cli_files(tmp_path_factory):
     """The same tiny multimodal model as an official folder (tekken.json) and as GGUF files: an F32 text file
     with the tokenizer, and an F32 mmproj beside it."""
-    import json
-    from checkpoints import write_native
-    from gguf_files import tekken_tokens
-    from tekken_files import write_tekken
     native = tmp_path_factory.mktemp("native")
     weights = write_native(native, CLI_PARAMS, seed=3)
     tekken = write_tekken(native, "v11")
@@ -372,7 +366,6 @@ def cli_files(tmp_path_factory):
 
 def test_a_gguf_session_answers_as_the_official_files(cli_files):
     """Text file, mmproj and tokenizer all from the GGUFs: the same greedy answer to a message with an image."""
-    from PIL import Image
     native, gguf = cli_files
     image = gguf.parent / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(image)
@@ -393,7 +386,6 @@ def test_cli_runs_a_gguf_with_a_tokenizer_override_and_prints_the_bandwidth(cli_
 
 
 def test_hub_quant_downloads_only_that_quant_and_the_f16_mmproj(cli_files, monkeypatch):
-    import huggingface_hub
     _, gguf = cli_files
     files = ["README.md", "Tiny-Q.gguf", "Tiny-UD-Q4_K_XL.gguf", "Tiny-Q8_0.gguf",
              "BF16/Tiny-BF16-00001-of-00002.gguf", "BF16/Tiny-BF16-00002-of-00002.gguf",
@@ -421,13 +413,11 @@ def test_hub_quant_downloads_only_that_quant_and_the_f16_mmproj(cli_files, monke
 
 @pytest.fixture(scope="module")
 def reference(weights):
-    import quant_report
     chunks = torch.randint(0, P["vocab_size"], (3, 48), generator=torch.Generator().manual_seed(5)).int()
     return quant_report.make_reference(native_model(weights), chunks, top_k=32)
 
 
 def test_the_report_of_a_model_against_itself_is_zero(weights, reference, tmp_path):
-    import quant_report
     quant_report.save_reference(tmp_path / "ref.safetensors", reference, {"model": "tiny"})
     ref, about = quant_report.load_reference(tmp_path / "ref.safetensors")
     text = quant_report.score(native_model(weights), ref)["text"]
@@ -436,7 +426,6 @@ def test_the_report_of_a_model_against_itself_is_zero(weights, reference, tmp_pa
 
 
 def test_the_report_orders_the_quants(weights, reference, folder, capsys):
-    import quant_report
     results = {}
     for types in ("Q8_0", "Q4_K", "Q2_K"):
         write_text_gguf(folder / f"kl_{types}.gguf", weights, P, types)
@@ -449,7 +438,6 @@ def test_the_report_orders_the_quants(weights, reference, folder, capsys):
 
 
 def test_the_full_vocabulary_top_k_gives_the_exact_kl(weights):
-    import quant_report
     chunks = torch.randint(0, P["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(6)).int()
     reference = quant_report.make_reference(native_model(weights), chunks, top_k=P["vocab_size"])
     other = native_model(dequantized(weights, "Q4_K"))
@@ -460,7 +448,6 @@ def test_the_full_vocabulary_top_k_gives_the_exact_kl(weights):
 
 
 def test_the_report_on_a_conversation_with_an_image(vision_weights, folder):
-    import quant_report
     toks, images = vision_inputs()
     chat = (toks[0].int(), images, len(toks[0]) - 4)
     chunks = torch.randint(0, P["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(7)).int()
@@ -474,9 +461,6 @@ def test_the_report_on_a_conversation_with_an_image(vision_weights, folder):
 def test_quant_report_command_line(cli_files, tmp_path, capsys):
     """reference over a text file and a conversation with an image (official folder), then score a GGUF of
     the same float32 weights: the same distributions."""
-    import json
-    import quant_report
-    from PIL import Image
     native, gguf = cli_files
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
