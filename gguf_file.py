@@ -105,6 +105,7 @@ def read_gguf(path) -> GGUF:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: no such GGUF file")
+    quants.require_gguf()   # the type ids and block sizes are gguf's
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         c = _Cursor(buf, path)
         if bytes(buf[:4]) != b"GGUF":
