@@ -331,9 +331,10 @@ class _Quantized(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """An empty tensor with the device and dtype of the dequantized weight, for code that asks
-        model.output.weight where the model lives (setup_cache, generate)."""
-        return torch.empty(0, device=self.blocks.device, dtype=self.dtype)
+        """A stand-in with the dequantized weight's shape [R, C], device and dtype, for code that asks a
+        layer's weight where the model lives or how many rows it has (setup_cache, generate): one zero
+        seen through zero strides, not the weights (forward dequantizes those)."""
+        return torch.zeros((), device=self.blocks.device, dtype=self.dtype).expand(self.shape)
 
     def extra_repr(self) -> str:
         return f"{self.qtype}, shape={self.shape}, dtype={self.dtype}"
