@@ -311,9 +311,11 @@ def _tensor_bytes(data: np.ndarray, info: TensorInfo) -> torch.Tensor:
 
 
 def _quantized_module(module: nn.Module, blocks: torch.Tensor, info: TensorInfo, source: str, dtype):
+    """The quants module in place of nn.Linear / nn.Embedding `module`, holding `blocks` where they are."""
     try:
         kind = quants.QuantEmbedding if isinstance(module, nn.Embedding) else quants.QuantLinear
-        return kind(blocks, info.type_name, info.shape, dtype=dtype)
+        # .to: an IQ type's codebooks are made on the CPU; the blocks, already there, are not copied
+        return kind(blocks, info.type_name, info.shape, dtype=dtype).to(blocks.device)
     except ValueError as e:   # a type quants.py does not dequantize
         raise InputError(f"{source}: tensor {info.name!r}: {e}") from None
 
