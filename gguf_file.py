@@ -372,7 +372,8 @@ def _assign(model: nn.Module, name: str, blocks: torch.Tensor, info: TensorInfo,
 def _tied_head(embedding: nn.Module) -> nn.Module:
     """The output head sharing the embedding table's weights (no copy)."""
     if isinstance(embedding, quants.QuantEmbedding):
-        return quants.QuantLinear(embedding.blocks, embedding.qtype, embedding.shape, dtype=embedding.dtype)
+        head = quants.QuantLinear(embedding.blocks, embedding.qtype, embedding.shape, dtype=embedding.dtype)
+        return head.to(embedding.blocks.device)
     head = nn.Linear(embedding.weight.shape[1], embedding.weight.shape[0], bias=False)
     head.weight = embedding.weight
     return head
