@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chat import encode_chat
-from generate import DTYPES, load_tokenizer, pick_device, resolve_weights
+from generate import load_tokenizer, resolve_weights
 from inputs import InputError, read_json
-from load import load_model, read_checkpoint
+from load import DTYPES, load_model, pick_device, read_checkpoint
 
 FORMAT = "quant_report/1"
 
