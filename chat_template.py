@@ -29,14 +29,12 @@ import importlib.util
 import io
 import json
 import re
-import struct
 import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -44,6 +42,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
 from chat import VERSIONS, encode_chat, optional_special
+from gguf_header import read_header
 from inputs import InputError, MissingFileError, read_json
 from tokenizer import BUILTIN_SPECIALS, Tokenizer
 
@@ -63,7 +62,7 @@ def read_template(path) -> str:
     with open(path, "rb") as f:
         is_gguf = f.read(4) == b"GGUF"
     if is_gguf or path.suffix == ".gguf":
-        template = read_gguf_metadata(path).get(GGUF_KEY)
+        template = read_header(path).metadata.get(GGUF_KEY)
         if not isinstance(template, str):
             raise InputError(f"{path}: the GGUF metadata has no string {GGUF_KEY!r}")
     elif path.suffix == ".json":
@@ -92,76 +91,6 @@ def json_template(path: Path) -> str:
     return template
 
 
-# ---------------------------------------------------------------------------------------- GGUF metadata
-
-# GGUF value types (gguf's GGUFValueType) -> struct codes; 8 is a string, 9 an array
-GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-GGUF_STRING, GGUF_ARRAY = 8, 9
-
-
-def read_gguf_metadata(path) -> dict[str, Any]:
-    """The key-value metadata of a GGUF file (versions 2 and 3, either byte order). Reading stops after the
-    KV section: tensor infos and tensor data are never touched.
-
-        magic "GGUF" | version u32 | n_tensors u64 | n_kv u64 | n_kv x (key string, type u32, value) | ...
-        string = length u64 + UTF-8 bytes; array = item type u32 + count u64 + items
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        return GGUFHeader(f, path).metadata()
-
-
-class GGUFHeader:
-    def __init__(self, file, path: Path):
-        self.file, self.path = file, path
-        self.left = path.stat().st_size
-        if self.read(4) != b"GGUF":
-            raise InputError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
-        raw = self.read(4)
-        self.order = "<" if struct.unpack("<I", raw)[0] < 1 << 16 else ">"  # a big-endian file reads huge
-        version = struct.unpack(self.order + "I", raw)[0]
-        if version not in (2, 3):
-            raise InputError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-        self.n_tensors, self.n_kv = self.unpack("QQ")
-
-    def metadata(self) -> dict[str, Any]:
-        values = {}
-        for _ in range(self.n_kv):
-            key = self.string("a metadata key")
-            (kind,) = self.unpack("I")
-            values[key] = self.value(kind, key)
-        return values
-
-    def value(self, kind: int, key: str):
-        if kind in GGUF_SCALARS:
-            return self.unpack(GGUF_SCALARS[kind])[0]
-        if kind == GGUF_STRING:
-            return self.string(key)
-        if kind != GGUF_ARRAY:
-            raise InputError(f"{self.path}: metadata {key!r} has unknown GGUF value type {kind}")
-        item, count = self.unpack("IQ")
-        if item in GGUF_SCALARS:  # one read for the whole array
-            return list(self.unpack(f"{count}{GGUF_SCALARS[item]}"))
-        return [self.value(item, key) for _ in range(count)]
-
-    def string(self, what: str) -> str:
-        (length,) = self.unpack("Q")
-        try:
-            return self.read(length).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{self.path}: {what} is not UTF-8 ({e})") from None
-
-    def unpack(self, codes: str) -> tuple:
-        fmt = self.order + codes
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))
-
-    def read(self, n: int) -> bytes:
-        if n > self.left:  # checked first, so a corrupt length never allocates gigabytes
-            raise InputError(f"{self.path}: truncated or malformed GGUF header (it ends inside the metadata)")
-        self.left -= n
-        return self.file.read(n)
 
 
 # ---------------------------------------------------------------------------------------- tokenizers

@@ -16,15 +16,11 @@ Quantized matrices stay in their blocks, on the device, as quants.QuantLinear / 
 dequantized in each forward; F32 / F16 / BF16 tensors (the norms, an F16 mmproj) become ordinary
 parameters in the model's dtype. On the CPU the blocks are the file's pages, memory-mapped: never copied.
 
-The header is parsed here (struct over an mmap) rather than with gguf's GGUFReader, which takes 11 s to
-open a file with the full vocabulary (it builds a numpy view per string); tests/test_gguf.py checks this
-parser against GGUFReader. The gguf package is still needed, through quants.py, for the block sizes and
-the IQ codebooks.
+The header is parsed by gguf_header.py (not by gguf's GGUFReader, 11 s to open a full vocabulary); the
+gguf package is still needed, through quants.py, for the block sizes and the IQ codebooks.
 """
 import base64
-import mmap
 import re
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +30,13 @@ import torch
 from torch import nn
 
 import quants
+from gguf_header import read_header
 from inputs import InputError, MissingFileError
 from model import ModelArgs
 from tokenizer import Tekken
 from vision import NORM_EPS, VisionArgs
 
 # ----------------------------------------------------------------------------- the header
-
-# GGUF value types: id -> struct format (8 = string, 9 = array are read apart)
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
 
 @dataclass
 class TensorInfo:
@@ -62,76 +54,19 @@ class GGUF:
     tensors: dict         # name -> TensorInfo
 
 
-class _Cursor:
-    """Little-endian reads through a buffer, tracking the position."""
-
-    def __init__(self, buf, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def scalar(self, fmt: str):
-        try:
-            (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        except struct.error:
-            raise InputError(f"{self.path}: the GGUF header ends early (at byte {self.pos}); is the "
-                             f"download complete?") from None
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.scalar("Q")
-        raw = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        # Tokens in the GPT-2 byte alphabet are valid UTF-8; a file may still hold other bytes.
-        return raw.decode("utf-8", errors="replace")
-
-    def value(self, kind: int):
-        if kind in _SCALARS:
-            return self.scalar(_SCALARS[kind])
-        if kind == _STRING:
-            return self.string()
-        if kind == _ARRAY:
-            item, n = self.scalar("I"), self.scalar("Q")
-            if item in _SCALARS and item != 7:   # numbers in one read
-                fmt = np.dtype("<" + _SCALARS[item])
-                values = np.frombuffer(self.buf, fmt, n, self.pos).tolist()
-                self.pos += n * fmt.itemsize
-                return values
-            return [self.value(item) for _ in range(n)]
-        raise InputError(f"{self.path}: unknown GGUF value type {kind} at byte {self.pos}")
-
-
 def read_gguf(path) -> GGUF:
     """The metadata and tensor infos of one GGUF file (nothing of the tensor data is read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such GGUF file")
+    header = read_header(path)
+    if header.byte_order != "<":
+        raise InputError(f"{header.path}: a big-endian GGUF file; its weights are not supported here")
     quants.require_gguf()   # the type ids and block sizes are gguf's
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        c = _Cursor(buf, path)
-        if bytes(buf[:4]) != b"GGUF":
-            raise InputError(f"{path}: not a GGUF file (it does not start with b'GGUF')")
-        c.pos = 4
-        version, n_tensors, n_kv = c.scalar("I"), c.scalar("Q"), c.scalar("Q")
-        if version not in (2, 3):
-            raise InputError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-        metadata = {}
-        for _ in range(n_kv):
-            key = c.string()
-            metadata[key] = c.value(c.scalar("I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = c.string()
-            ne = [c.scalar("Q") for _ in range(c.scalar("I"))]
-            infos.append((name, ne, c.scalar("I"), c.scalar("Q")))
-        align = metadata.get("general.alignment", 32)
-        start = -(-c.pos // align) * align   # the data section begins at the next multiple of align
-        size = len(buf)
     tensors = {}
-    for name, ne, type_id, offset in infos:
-        tensors[name] = info = _tensor_info(path, name, ne, type_id, start + offset)
-        if info.offset + info.n_bytes > size:
-            raise InputError(f"{path}: tensor {name!r} runs past the end of the file; is the download complete?")
-    return GGUF(path, metadata, tensors)
+    for raw in header.tensors:
+        tensors[raw.name] = info = _tensor_info(header.path, raw.name, raw.ne, raw.type_id, raw.offset)
+        if info.offset + info.n_bytes > header.size:
+            raise InputError(f"{header.path}: tensor {raw.name!r} runs past the end of the file; is the download "
+                             f"complete?")
+    return GGUF(header.path, header.metadata, tensors)
 
 
 def _tensor_info(path: Path, name: str, ne: list, type_id: int, offset: int) -> TensorInfo:

@@ -20,7 +20,8 @@ from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
 import chat_template
 from chat_template import (check_chat_template, collapse_images, compile_template, encode_rendered,
-                           read_gguf_metadata, read_template, render_conversation, shipped_tokenizer, suite)
+                           read_template, render_conversation, shipped_tokenizer, suite)
+from gguf_header import read_header
 from inputs import InputError
 from tekken_files import write_tekken
 from tokenizer import Tokenizer
@@ -364,7 +365,7 @@ def write_gguf(path: Path, template: str | None, endianess=gguf.GGUFEndian.LITTL
 @pytest.mark.parametrize("endianess", [gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG])
 def test_gguf_metadata_matches_gguf_reader(endianess, tmp_path):
     path = write_gguf(tmp_path / "model.gguf", CORRECT, endianess, tensor=True)
-    ours = read_gguf_metadata(path)
+    ours = read_header(path).metadata
     reader = gguf.GGUFReader(path)
     theirs = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     assert ours == theirs and ours["tokenizer.chat_template"] == CORRECT and len(ours) == 12
