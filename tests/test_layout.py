@@ -63,3 +63,14 @@ def test_chat_does_not_pull_in_the_network():
             reach.add(nxt)
             todo.append(nxt)
     assert not reach & {"model", "vision", "load"}, reach
+
+
+def test_the_readme_table_lists_the_modules_in_import_order():
+    """The README's module table claims each module imports only modules above it."""
+    rows = [line.split("`")[1].removesuffix(".py") for line in (ROOT / "README.md").read_text().splitlines()
+            if line.startswith("| `") and line.split("`")[1].removesuffix(".py") in MODULES]
+    assert sorted(rows) == sorted(MODULES), set(MODULES) ^ set(rows)
+    edges = graph()
+    for k, name in enumerate(rows):
+        below = edges[name] - set(rows[:k])
+        assert not below, f"{name} imports {below}, listed below it"
