@@ -15,6 +15,7 @@ import codecs
 import functools
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -26,7 +27,7 @@ import torch
 
 from chat import AssistantOutput, encode_chat, load_system_prompt, parse_output
 from dump import Recorder, write_dump
-from inputs import InputError, MissingFileError, read_json
+from inputs import InputError, MissingFileError, read_json, read_text, regular_file
 from load import load_model, read_checkpoint
 from tokenizer import Tokenizer
 from vision import check_tokenizer
@@ -222,7 +223,9 @@ def resolve_model(name: str) -> Path:
     folder = Path(name).expanduser()
     if folder.is_dir():
         return folder
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or folder.exists():
+    if folder.exists():
+        raise InputError(f"--model {name}: not a folder (expected a model folder or a hub id like {DEFAULT_MODEL})")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise MissingFileError(f"--model {name}: no such folder (expected a local folder with params.json, "
                                 f"consolidated.safetensors and tekken.json, or a hub id like {DEFAULT_MODEL})")
     try:
@@ -241,18 +244,37 @@ def model_name(model: str) -> str:
 
 
 def tokenizer_file(folder: Path) -> Path:
-    found = [folder / "tekken.json"] if (folder / "tekken.json").is_file() else sorted(folder.glob("tokenizer.model*"))
+    # lexists: a tekken.json that is not a regular file is named as such by Tokenizer.from_file
+    found = ([folder / "tekken.json"] if os.path.lexists(folder / "tekken.json")
+             else sorted(folder.glob("tokenizer.model*")))
     if not found:
         raise MissingFileError(f"{folder}: no tokenizer file (expected tekken.json)")
     return found[0]
 
 
+def device_problem(name: str) -> str | None:
+    """Why --device `name` cannot be used here, or None: auto, cpu, cuda, cuda:N and mps are known,
+    and cuda / mps must be available on this machine."""
+    if name in ("auto", "cpu"):
+        return None
+    if not re.fullmatch(r"cuda(:\d+)?|mps", name):
+        return f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps"
+    if name == "mps":
+        return None if torch.backends.mps.is_available() else "--device 'mps': MPS is not available on this machine"
+    if not torch.cuda.is_available():
+        return f"--device {name!r}: CUDA is not available on this machine (torch {torch.__version__})"
+    index = int(name.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        return f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
 def pick_device(name: str) -> torch.device:
+    problem = device_problem(name)
+    if problem is not None:
+        raise InputError(problem)
     if name != "auto":
-        try:
-            return torch.device(name)
-        except RuntimeError as e:
-            raise InputError(f"--device {name!r}: not a torch device ({e})") from None
+        return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -305,16 +327,22 @@ class Session:
                  compile: bool = False):
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        self.device = pick_device(device)
         self.folder = resolve_model(model)
         self.name = model_name(model)
-        self.tokenizer = Tokenizer.from_file(tokenizer_file(self.folder))
+        tokenizer = tokenizer_file(self.folder)
+        self.tokenizer = Tokenizer.from_file(tokenizer)
         self.checkpoint = read_checkpoint(self.folder)
+        if self.tokenizer.n_words > self.checkpoint.args.vocab_size:
+            raise InputError(f"the tokenizer {tokenizer} has {self.tokenizer.n_words} ids but "
+                             f"{self.checkpoint.config} gives vocab_size {self.checkpoint.args.vocab_size}: the model "
+                             f"has no embedding for the tokenizer's last ids")
         if self.checkpoint.vision is not None:
             check_tokenizer(self.checkpoint.vision, self.tokenizer, str(self.checkpoint.config))
         self.context = self.checkpoint.args.max_position_embeddings
         self.sampling = card_defaults(self.name)
         self.reasoning = is_reasoning_model(self.name)
-        self.device, self.dtype, self.compile = pick_device(device), DTYPES[dtype], compile
+        self.dtype, self.compile = DTYPES[dtype], compile
         self.model = None
 
     def answer(self, messages: list[dict], tools: list | None = None, sampling: Sampling | None = None,
@@ -348,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the user message; read from standard input when absent")
     p.add_argument("--model", default=DEFAULT_MODEL, help="local folder or hub id (default: %(default)s)")
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
-    p.add_argument("--system", help="system prompt text, or a file holding it (default: the model's "
-                                    "SYSTEM_PROMPT.txt, filled with its name and the dates)")
+    p.add_argument("--system", help="system prompt text, or a file holding it: one word that ends in .txt or .md "
+                                    "or holds a '/' must be a file (default: the model's SYSTEM_PROMPT.txt, "
+                                    "filled with its name and the dates)")
     p.add_argument("--messages", help="a JSON file with a conversation in the OpenAI chat format")
     p.add_argument("--tools", help="a JSON file with a tool list in the OpenAI format")
     p.add_argument("--interactive", "-i", action="store_true", help="multi-turn chat; '/image PATH' attaches "
@@ -384,6 +413,39 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--compile and --dump cannot be combined: a dump holds the logits of the eager code")
     if args.dump_hidden and not args.dump:
         parser.error("--dump-hidden needs --dump FILE")
+    for problem in (device_problem(args.device), system_problem(args.system), dump_problem(args.dump)):
+        if problem is not None:
+            parser.error(problem)
+
+
+def system_problem(system: str | None) -> str | None:
+    """--system takes text or a file. A value that looks like a path (one word that ends in .txt or
+    .md, or holds a path separator) must name a regular file: a mistyped path never becomes the prompt."""
+    if system is None or re.search(r"\s", system) or Path(system).is_file():
+        return None
+    if not (system.lower().endswith((".txt", ".md")) or "/" in system or os.sep in system):
+        return None
+    try:
+        regular_file(system, f"--system {system}")
+    except InputError as e:
+        return f"{e} (a one-word --system that ends in .txt or .md or holds a '/' is taken for a file)"
+    return None
+
+
+def dump_problem(dump: str | None) -> str | None:
+    """--dump must be writable where it points, checked before anything is generated."""
+    if dump is None:
+        return None
+    path = Path(dump)
+    if path.is_dir():
+        return f"--dump {dump}: is a folder; expected a file name such as {path / 'dump.safetensors'}"
+    if path.exists() and not path.is_file():
+        return f"--dump {dump}: exists and is not a regular file"
+    if not path.parent.is_dir():
+        return f"--dump {dump}: the folder {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK):
+        return f"--dump {dump}: the folder {path.parent} is not writable"
+    return None
 
 
 def flag_sampling(args, card: Sampling) -> Sampling:
@@ -397,23 +459,38 @@ def flag_sampling(args, card: Sampling) -> Sampling:
 def system_prompt(args, folder: Path, name: str) -> str | None:
     if args.system is not None:
         path = Path(args.system)
-        return path.read_text(encoding="utf-8") if path.is_file() else args.system
-    if (folder / "SYSTEM_PROMPT.txt").is_file():
+        return read_text(path, what=f"--system {args.system}") if path.is_file() else args.system
+    if os.path.lexists(folder / "SYSTEM_PROMPT.txt"):
         return load_system_prompt(folder / "SYSTEM_PROMPT.txt", name)
     return None
 
 
-def first_messages(args, session: Session) -> list[dict]:
-    if args.messages:
-        messages = read_json(Path(args.messages), f"--messages {args.messages}")
-        if not isinstance(messages, list):
-            raise InputError(f"--messages {args.messages}: expected a JSON list of messages")
+MAX_PROMPT_CHARS = 64 * 2**20   # a prompt read from standard input
+
+
+def read_flag_files(args) -> tuple[list | None, list | None]:
+    """The --messages and --tools files, read before the model: (messages or None, tools or None)."""
+    tools = read_json(Path(args.tools), f"--tools {args.tools}") if args.tools else None
+    if not args.messages:
+        return None, tools
+    messages = read_json(Path(args.messages), f"--messages {args.messages}")
+    if not isinstance(messages, list):
+        raise InputError(f"--messages {args.messages}: expected a JSON list of messages")
+    return messages, tools
+
+
+def first_messages(args, session: Session, messages: list | None = None) -> list[dict]:
+    if messages is not None:
         return messages
+    if args.messages:
+        return read_flag_files(args)[0]
     system = system_prompt(args, session.folder, session.name)
     messages = [{"role": "system", "content": system}] if system else []
     if args.interactive:
         return messages
-    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    text = args.prompt if args.prompt is not None else sys.stdin.read(MAX_PROMPT_CHARS + 1)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InputError(f"the prompt on standard input is longer than {MAX_PROMPT_CHARS} characters")
     return messages + [user_message(text, args.image)]
 
 
@@ -456,7 +533,11 @@ def interactive(session: Session, messages: list[dict], tools, args):
             continue
         messages.append(user_message(line, pending_images))
         pending_images = []
-        messages.append(respond(session, messages, tools, args).to_message())
+        try:
+            messages.append(respond(session, messages, tools, args).to_message())
+        except InputError as e:   # a bad /image, a prompt past the context: this turn is dropped
+            messages.pop()
+            print(f"error: {e} (message dropped)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,10 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_flags(parser, args)
     try:
+        messages, tools = read_flag_files(args)
         session = Session(args.model, args.device, args.dtype, args.compile)
         session.sampling = flag_sampling(args, session.sampling)
-        tools = read_json(Path(args.tools), f"--tools {args.tools}") if args.tools else None
-        messages = first_messages(args, session)
+        messages = first_messages(args, session, messages)
         if args.interactive:
             interactive(session, messages, tools, args)
         else:
