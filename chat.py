@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 import torch
 
 from images import cell_size, load_image, preprocess_image
-from inputs import InputError, MissingFileError
+from inputs import MAX_DEPTH, InputError, check_depth, json_depth, read_text
 
 VERSIONS = ("v7", "v11", "v13")
 JOIN = "\n\n"  # joins the texts of consecutive user (or assistant) messages and text parts
@@ -102,6 +102,9 @@ def read_message(tokenizer, message: dict, i: int) -> Turn:
     if not isinstance(message, dict):
         raise InputError(f"message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}")
     role = message.get("role")
+    if not isinstance(role, str):   # (a dict or a list is not even hashable)
+        raise InputError(f"message {i}: role must be a string (system, user, assistant or tool), "
+                         f"got {type(role).__name__} {role!r:.60}")
     role = "system" if role == "developer" else role  # OpenAI's newer name for system
     if role not in FOLLOWS:
         raise InputError(f"message {i}: unknown role {role!r}; expected system, user, assistant or tool")
@@ -182,6 +185,8 @@ def read_arguments(arguments, i: int):
         return arguments
     if not isinstance(arguments, str):
         fail(i, "assistant", f"arguments must be a JSON string or a dict, got {type(arguments).__name__}")
+    if json_depth(arguments.encode("utf-8", "surrogatepass")) > MAX_DEPTH:
+        fail(i, "assistant", f"arguments: JSON nested deeper than {MAX_DEPTH} levels")
     try:
         return json.loads(arguments)
     except json.JSONDecodeError:
@@ -212,14 +217,15 @@ def read_tools(tools) -> list[dict]:
             raise InputError(f"tool {k}: function name {name!r} must be 1-64 letters, digits, '_' or '-'")
         if not isinstance(description, str):
             raise InputError(f"tool {k} ({name}): description must be a string")
+        check_json(parameters, f"tool {k} ({name}) parameters")     # bounds the depth check_schema walks
         check_schema(parameters, f"tool {k} ({name}) parameters")
-        check_json(parameters, f"tool {k} ({name}) parameters")
         function = {"name": name, "description": description, "parameters": parameters}
         out.append({"type": "function", "function": function})
     return out
 
 
 def check_json(value, what: str):
+    check_depth(value, what)   # before json.dumps recurses into it
     try:
         json.dumps(value)
     except (TypeError, ValueError) as e:  # sets, objects, circular references
@@ -468,12 +474,10 @@ def load_system_prompt(path, name: str, today: date | None = None) -> str:
     `name` is the model name or repo id ("mistralai/Mistral-Small-3.2-24B-Instruct-2506"); dates are YYYY-MM-DD."""
     path = Path(path)
     path = path / "SYSTEM_PROMPT.txt" if path.is_dir() else path
-    if not path.is_file():
-        raise MissingFileError(f"system prompt file not found: {path}")
+    text = read_text(path, what=f"system prompt file {path}")   # a FIFO is refused, never opened
     today = today or date.today()
     fields = {"{name}": name.split("/")[-1], "{today}": f"{today:%Y-%m-%d}",
               "{yesterday}": f"{today - timedelta(days=1):%Y-%m-%d}"}
-    text = path.read_text(encoding="utf-8")
     for key, value in fields.items():  # not str.format: Magistral's prompt holds a literal "\boxed{}"
         text = text.replace(key, value)
     return text

@@ -9,14 +9,15 @@ one (from numpy: safetensors.numpy.save_file). This module knows nothing of the 
 line; its sibling compare_server.py checks a running server against the reference model.
 """
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from inputs import InputError
+from inputs import InputError, regular_file
 
 FORMAT = "mistral-small-reference-dump/1"
 
@@ -54,17 +55,64 @@ def write_dump(path, prompt: list[int], generated: list[int], recorder: Recorder
 
 
 def read_dump(path) -> dict[str, torch.Tensor]:
-    """The tensors of a dump; a file that is not one is an InputError naming it."""
+    """The tensors of a dump, checked against the format (write_dump): a file that is not a valid
+    dump is an InputError naming it and the tensor, so that a comparison never passes on one."""
+    regular_file(path, f"dump {path}")   # a FIFO or a device is refused, never opened
     try:
-        tensors = load_file(str(path))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such dump file") from None
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as e:
         raise InputError(f"{path}: not a readable safetensors dump ({e})") from None
+    if metadata.get("format", FORMAT) != FORMAT:
+        raise InputError(f"{path}: metadata format is {metadata['format']!r:.60}, expected {FORMAT!r}")
     missing = [key for key in ("prompt_ids", "generated_ids", "logits") if key not in tensors]
     if missing:
         raise InputError(f"{path}: not a dump, it lacks {missing}")
+    check_dump(tensors, str(path))
     return tensors
+
+
+def check_dump(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Ranks, dtypes, sizes and values of a dump's tensors (the table in the README)."""
+    def expect(key: str, dtype: torch.dtype, ndim: int, what: str):
+        t = tensors[key]
+        if t.dtype != dtype or t.ndim != ndim:
+            raise InputError(f"{where}: {key} must be {str(dtype).removeprefix('torch.')} {what}, got "
+                             f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}")
+        return t
+
+    prompt, generated = expect("prompt_ids", torch.int64, 1, "[S]"), expect("generated_ids", torch.int64, 1, "[N]")
+    logits = expect("logits", torch.float32, 2, "[S + N - 1, V]")
+    rows = len(prompt) + len(generated) - 1
+    if len(prompt) == 0:
+        raise InputError(f"{where}: prompt_ids is empty; a dump starts with at least one prompt token")
+    if len(logits) != rows or logits.shape[1] == 0:
+        raise InputError(f"{where}: logits has {len(logits)} rows for {len(prompt)} prompt and {len(generated)} "
+                         f"generated ids: expected S + N - 1 = {rows} (a row per position), V >= 1")
+    ids = torch.cat([prompt, generated])
+    if len(ids) and (ids.min() < 0 or ids.max() >= logits.shape[1]):
+        raise InputError(f"{where}: token id {int(ids[(ids < 0) | (ids >= logits.shape[1])][0])} is outside the "
+                         f"vocabulary of the logits (V = {logits.shape[1]})")
+    hidden = sorted(int(m.group(1)) for key in tensors if (m := re.fullmatch(r"hidden\.(\d+)", key)))
+    if hidden != list(range(len(hidden))):
+        raise InputError(f"{where}: the hidden states are {[f'hidden.{i}' for i in hidden]}: expected hidden.0, "
+                         f"hidden.1, ... (one per block, from the first, without a gap)")
+    unknown = sorted(set(tensors) - {"prompt_ids", "generated_ids", "logits", "vision_features"}
+                     - {f"hidden.{i}" for i in hidden})
+    if unknown:
+        raise InputError(f"{where}: unknown tensor(s) {unknown}; a dump holds prompt_ids, generated_ids, "
+                         f"logits, hidden.{{i}} and vision_features")
+    for key in [f"hidden.{i}" for i in hidden] + (["vision_features"] if "vision_features" in tensors else []):
+        t = expect(key, torch.float32, 2, "[rows, D]")
+        if key.startswith("hidden.") and len(t) != rows:
+            raise InputError(f"{where}: {key} has {len(t)} rows, expected {rows} (as logits)")
+    for key in ["logits"] + [key for key in tensors if key.startswith("hidden.") or key == "vision_features"]:
+        finite = torch.isfinite(tensors[key])
+        if not finite.all():
+            row, col = (~finite).nonzero()[0].tolist()
+            raise InputError(f"{where}: {key} holds a non-finite value ({tensors[key][row, col].item()}) at "
+                             f"row {row}, column {col}")
 
 
 @dataclass
@@ -81,6 +129,9 @@ class Comparison:
 def compare(path_a, path_b) -> Comparison:
     """Compare two dumps position by position, over the positions where both saw the same tokens."""
     a, b = read_dump(path_a), read_dump(path_b)
+    if a["logits"].shape[1] != b["logits"].shape[1]:
+        raise InputError(f"{path_a} and {path_b} have different vocabularies: logits of {a['logits'].shape[1]} "
+                         f"and {b['logits'].shape[1]} columns")
     seq_a = torch.cat([a["prompt_ids"], a["generated_ids"]])
     seq_b = torch.cat([b["prompt_ids"], b["generated_ids"]])
     n = min(len(seq_a), len(seq_b))

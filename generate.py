@@ -17,6 +17,8 @@ import codecs
 import functools
 import json
 import math
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -27,9 +29,9 @@ import torch
 import gguf_file
 from chat import AssistantOutput, encode_chat, load_system_prompt, parse_output
 from dump import Recorder, write_dump
-from inputs import InputError, read_json
-from load import (DEFAULT_MODEL, DTYPES, load_model, model_name, pick_device, read_checkpoint, resolve_model,
-                  tokenizer_file)
+from inputs import InputError, read_json, read_text, regular_file
+from load import (DEFAULT_MODEL, DTYPES, device_problem, load_model, model_name, pick_device, read_checkpoint,
+                  resolve_model, tokenizer_file)
 from parallel import check_split, close, is_lead, launched, mesh_from_env
 from tokenizer import Tokenizer
 from vision import check_tokenizer
@@ -111,9 +113,16 @@ def decode_step(model, token: torch.Tensor, pos: torch.Tensor, collect_hidden: l
 
 
 @functools.cache
-def compiled_decode_step():
-    """decode_step compiled whole; "reduce-overhead" replays it as one CUDA graph on a GPU."""
-    return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+def compiled_decode_step(device_type: str):
+    """decode_step compiled whole. On a GPU, "reduce-overhead" replays it as one CUDA graph, which needs
+    the same shapes at every step: the step reads the whole cache (kv_len None). Elsewhere there is no
+    graph to replay (the mode falls back to the default) and reading the whole cache, prompt + max_tokens,
+    costs more than compiling saves: the step reads up to its own position like an eager one, kv_len a
+    dynamic int (dynamic=True), so that one compilation serves every step of an answer (another cache
+    size compiles again: the cache buffers' shapes stay static)."""
+    if device_type == "cuda":
+        return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    return torch.compile(decode_step, fullgraph=True, dynamic=True)
 
 
 class StopGeneration(Exception):
@@ -139,7 +148,7 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
                          "the logits of the eager code")
     device = model.output.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    step = compiled_decode_step() if compile else decode_step
+    step = compiled_decode_step(device.type) if compile else decode_step
     stats, out = Stats(prompt_tokens=len(prompt)), []
     model.setup_cache(1, len(prompt) + max_tokens)
     pos = torch.arange(len(prompt), device=device)
@@ -165,8 +174,8 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
                 break
             pos = pos[-1:] + 1
             hidden = [] if hidden is not None else None
-            # Eager steps read the cache up to the new token; a compiled one all of it (fixed shapes).
-            kv_len = None if compile else len(prompt) + len(out)
+            # Steps read the cache up to the new token; a compiled one on a GPU all of it (fixed shapes).
+            kv_len = None if compile and device.type == "cuda" else len(prompt) + len(out)
             logits = step(model, next_id[:, None], pos, hidden, kv_len)             # [1, 1, V]
     except (KeyboardInterrupt, StopGeneration):
         pass
@@ -231,14 +240,16 @@ def resolve_weights(model: str, mmproj: str | None = None) -> tuple[Path, Path |
     return resolve_model(model), None
 
 
-def load_tokenizer(path: str | None, folder: Path, checkpoint) -> Tokenizer:
-    """The tokenizer file given, else the model's own: tekken.json beside the weights, or a GGUF's
-    tokenizer.ggml.* (with the image settings of its mmproj)."""
+def load_tokenizer(path: str | None, folder: Path, checkpoint) -> tuple[Tokenizer, Path]:
+    """The tokenizer and its file: the file given, else the model's own, tekken.json beside the
+    weights or a GGUF's tokenizer.ggml.* (with the image settings of its mmproj)."""
     if path is not None:
-        return gguf_file.gguf_tokenizer(path) if path.endswith(".gguf") else Tokenizer.from_file(path)
+        path = Path(path)
+        return (gguf_file.gguf_tokenizer(path) if path.suffix == ".gguf" else Tokenizer.from_file(path)), path
     if checkpoint.layout == "gguf":
-        return gguf_file.gguf_tokenizer(folder, mmproj=checkpoint.files[-1] if checkpoint.vision else False)
-    return Tokenizer.from_file(tokenizer_file(folder))
+        return gguf_file.gguf_tokenizer(folder, mmproj=checkpoint.files[-1] if checkpoint.vision else False), folder
+    path = tokenizer_file(folder)
+    return Tokenizer.from_file(path), path
 
 
 # ----------------------------------------------------------------------------- memory and stats
@@ -301,18 +312,22 @@ class Session:
                  compile: bool = False, tokenizer: str | None = None, mmproj: str | None = None):
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        self.mesh, self.device = mesh_from_env(pick_device(device))   # a bad device fails before any file is read
         self.folder, self.mmproj = resolve_weights(model, mmproj)
         self.name = model_name(model)
         self.checkpoint = read_checkpoint(self.folder, self.mmproj)
-        self.tokenizer = load_tokenizer(tokenizer, self.folder, self.checkpoint)
+        if self.mesh is not None:
+            check_split(self.checkpoint.args, self.mesh.size())
+        self.tokenizer, source = load_tokenizer(tokenizer, self.folder, self.checkpoint)
+        if self.tokenizer.n_words > self.checkpoint.args.vocab_size:
+            raise InputError(f"the tokenizer {source} has {self.tokenizer.n_words} ids but {self.checkpoint.config} gives "
+                             f"vocab_size {self.checkpoint.args.vocab_size}: the model has no embedding for the "
+                             f"tokenizer's last ids")
         if self.checkpoint.vision is not None:
             check_tokenizer(self.checkpoint.vision, self.tokenizer, str(self.checkpoint.config))
         self.context = self.checkpoint.args.max_position_embeddings
         self.sampling = card_defaults(self.name)
         self.reasoning = is_reasoning_model(self.name)
-        self.mesh, self.device = mesh_from_env(pick_device(device))
-        if self.mesh is not None:
-            check_split(self.checkpoint.args, self.mesh.size())
         self.dtype, self.compile = DTYPES[dtype], compile
         self.model = None
 
@@ -387,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "download with REPO:QUANT (F16 (default), BF16, F32), or none")
     p.add_argument("--tokenizer", help="a tokenizer file (tekken.json) instead of the model's own")
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
-    p.add_argument("--system", help="system prompt text, or a file holding it (default: the model's "
-                                    "SYSTEM_PROMPT.txt, filled with its name and the dates)")
+    p.add_argument("--system", help="system prompt text, or a file holding it: one word that ends in .txt or .md "
+                                    "or holds a '/' must be a file (default: the model's SYSTEM_PROMPT.txt, "
+                                    "filled with its name and the dates)")
     p.add_argument("--messages", help="a JSON file with a conversation in the OpenAI chat format")
     p.add_argument("--tools", help="a JSON file with a tool list in the OpenAI format")
     p.add_argument("--interactive", "-i", action="store_true", help="multi-turn chat; '/image PATH' attaches "
@@ -411,6 +427,9 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
     if launched() and (args.interactive or args.prompt is None and not args.messages):
         parser.error("under torchrun, give the prompt as an argument or with --messages: every process would "
                      "read standard input (-i, or no prompt) for itself")
+    for problem in (device_problem(args.device), system_problem(args.system), dump_problem(args.dump)):
+        if problem is not None:
+            parser.error(problem)
 
 
 def check_sampling_flags(parser: argparse.ArgumentParser, args) -> None:
@@ -424,6 +443,36 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--top-k {args.top_k}: expected 0 (every token) or more")
 
 
+def system_problem(system: str | None) -> str | None:
+    """--system takes text or a file. A value that looks like a path (one word that ends in .txt or
+    .md, or holds a path separator) must name a regular file: a mistyped path never becomes the prompt."""
+    if system is None or re.search(r"\s", system) or Path(system).is_file():
+        return None
+    if not (system.lower().endswith((".txt", ".md")) or "/" in system or os.sep in system):
+        return None
+    try:
+        regular_file(system, f"--system {system}")
+    except InputError as e:
+        return f"{e} (a one-word --system that ends in .txt or .md or holds a '/' is taken for a file)"
+    return None
+
+
+def dump_problem(dump: str | None) -> str | None:
+    """--dump must be writable where it points, checked before anything is generated."""
+    if dump is None:
+        return None
+    path = Path(dump)
+    if path.is_dir():
+        return f"--dump {dump}: is a folder; expected a file name such as {path / 'dump.safetensors'}"
+    if path.exists() and not path.is_file():
+        return f"--dump {dump}: exists and is not a regular file"
+    if not path.parent.is_dir():
+        return f"--dump {dump}: the folder {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK):
+        return f"--dump {dump}: the folder {path.parent} is not writable"
+    return None
+
+
 def flag_sampling(args, card: Sampling) -> Sampling:
     """The model card's sampling with the flags that were given."""
     return Sampling(temperature=card.temperature if args.temperature is None else args.temperature,
@@ -435,23 +484,38 @@ def flag_sampling(args, card: Sampling) -> Sampling:
 def system_prompt(args, folder: Path, name: str) -> str | None:
     if args.system is not None:
         path = Path(args.system)
-        return path.read_text(encoding="utf-8") if path.is_file() else args.system
-    if (folder / "SYSTEM_PROMPT.txt").is_file():
+        return read_text(path, what=f"--system {args.system}") if path.is_file() else args.system
+    if os.path.lexists(folder / "SYSTEM_PROMPT.txt"):
         return load_system_prompt(folder / "SYSTEM_PROMPT.txt", name)
     return None
 
 
-def first_messages(args, session: Session) -> list[dict]:
-    if args.messages:
-        messages = read_json(Path(args.messages), f"--messages {args.messages}")
-        if not isinstance(messages, list):
-            raise InputError(f"--messages {args.messages}: expected a JSON list of messages")
+MAX_PROMPT_CHARS = 64 * 2**20   # a prompt read from standard input
+
+
+def read_flag_files(args) -> tuple[list | None, list | None]:
+    """The --messages and --tools files, read before the model: (messages or None, tools or None)."""
+    tools = read_json(Path(args.tools), f"--tools {args.tools}") if args.tools else None
+    if not args.messages:
+        return None, tools
+    messages = read_json(Path(args.messages), f"--messages {args.messages}")
+    if not isinstance(messages, list):
+        raise InputError(f"--messages {args.messages}: expected a JSON list of messages")
+    return messages, tools
+
+
+def first_messages(args, session: Session, messages: list | None = None) -> list[dict]:
+    if messages is not None:
         return messages
+    if args.messages:
+        return read_flag_files(args)[0]
     system = system_prompt(args, session.folder, session.name)
     messages = [{"role": "system", "content": system}] if system else []
     if args.interactive:
         return messages
-    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    text = args.prompt if args.prompt is not None else sys.stdin.read(MAX_PROMPT_CHARS + 1)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InputError(f"the prompt on standard input is longer than {MAX_PROMPT_CHARS} characters")
     return messages + [user_message(text, args.image)]
 
 
@@ -498,7 +562,11 @@ def interactive(session: Session, messages: list[dict], tools, args):
             continue
         messages.append(user_message(line, pending_images))
         pending_images = []
-        messages.append(respond(session, messages, tools, args).to_message())
+        try:
+            messages.append(respond(session, messages, tools, args).to_message())
+        except InputError as e:   # a bad /image, a prompt past the context: this turn is dropped
+            messages.pop()
+            print(f"error: {e} (message dropped)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -506,10 +574,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_flags(parser, args)
     try:
+        messages, tools = read_flag_files(args)
         session = Session(args.model, args.device, args.dtype, args.compile, args.tokenizer, args.mmproj)
         session.sampling = flag_sampling(args, session.sampling)
-        tools = read_json(Path(args.tools), f"--tools {args.tools}") if args.tools else None
-        messages = first_messages(args, session)
+        messages = first_messages(args, session, messages)
         if args.interactive:
             interactive(session, messages, tools, args)
         else:

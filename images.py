@@ -12,6 +12,8 @@ import binascii
 import http.client
 import io
 import math
+import re
+import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from inputs import InputError, MissingFileError
+from inputs import InputError, read_bytes
 
 PATCH_SIZE = 14          # pixels per side of one vision patch
 SPATIAL_MERGE_SIZE = 2   # patches per side merged into one image token: 28-pixel cells
@@ -28,8 +30,14 @@ MAX_IMAGE_SIZE = 1540    # longest side the encoder sees (55 cells)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # RGB, on 0..1 values
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CUBIC_A = -0.75          # OpenCV's bicubic kernel (Pillow's bicubic uses -0.5 and antialiases)
-URL_TIMEOUT = 30.0       # seconds to fetch an http(s) image
+URL_TIMEOUT = 30.0       # seconds that one read of an http(s) image may wait
+URL_DEADLINE = 60.0      # seconds to fetch an http(s) image, all reads together
+MAX_IMAGE_BYTES = 64 * 2**20   # an image file, data: URL payload or download, encoded
 USER_AGENT = "mistral-small-reference/1.0"  # some servers refuse urllib's default agent
+# The formats a user sends. Pillow knows many more, some handed to external programs (EPS to
+# Ghostscript): those are never tried.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]+):")   # two letters at least: C:\... is a path
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -38,7 +46,9 @@ def load_image(source) -> Image.Image:
     """A decoded PIL image from a PIL image, a path, or a file://, data:image/...;base64, or http(s) URL.
 
     Broken input fails here with an InputError naming the source (MissingFileError for a missing
-    file). Images above Pillow's decompression-bomb limit are refused, never decoded.
+    file): another URL scheme, a file that is not a regular file, more than MAX_IMAGE_BYTES, a
+    download past URL_DEADLINE, a format outside FORMATS. Images above Pillow's decompression-bomb
+    limit are refused, never decoded.
     """
     if isinstance(source, Image.Image):
         return source
@@ -47,12 +57,17 @@ def load_image(source) -> Image.Image:
     if not isinstance(source, str):
         raise InputError(f"cannot load an image from a {type(source).__name__}: "
                          "expected a PIL image, a path or a URL")
-    if source.startswith("data:"):
+    scheme = SCHEME.match(source)
+    scheme = scheme.group(1).lower() if scheme else None
+    if scheme == "data":
         return _decode(_decode_data_url(source), _shorten(source))
-    if source.startswith(("http://", "https://")):
+    if scheme in ("http", "https"):
         return _decode(_fetch(source), source)
-    if source.startswith("file://"):
+    if scheme == "file":
         return _decode(_read_file(_file_url_path(source)), source)
+    if scheme is not None:
+        raise InputError(f"{_shorten(source)}: unsupported URL scheme {scheme!r}; expected a path, or a file://, "
+                         f"data: or http(s) URL (a file whose name has a colon: write it ./{_shorten(source)})")
     return _decode(_read_file(Path(source)), source)
 
 
@@ -61,12 +76,7 @@ def _shorten(text: str, limit: int = 48) -> str:
 
 
 def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise MissingFileError(f"image file not found: {path}") from None
-    except OSError as e:  # a folder, no permission, ...
-        raise InputError(f"cannot read image file {path}: {e.strerror or e}") from None
+    return read_bytes(path, MAX_IMAGE_BYTES, f"image file {path}")
 
 
 def _file_url_path(url: str) -> Path:
@@ -80,17 +90,48 @@ def _decode_data_url(url: str) -> bytes:
     header, comma, payload = url.partition(",")
     if not comma or not header.endswith(";base64"):
         raise InputError(f"{_shorten(url)}: expected a data URL of the form data:image/...;base64,<data>")
+    if not header.lower().startswith("data:image/"):
+        raise InputError(f"{_shorten(url)}: the data URL's media type is not an image (data:image/...)")
+    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise InputError(f"{_shorten(url)}: the data URL holds more than the limit of {MAX_IMAGE_BYTES} bytes")
     try:
-        return base64.b64decode(payload)
-    except binascii.Error as e:
+        # validate: a character outside the base64 alphabet is an error, not silently dropped
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:   # ValueError: a character outside ASCII
         raise InputError(f"{_shorten(url)}: the data URL payload is not valid base64 ({e})") from None
 
 
+def _opener() -> urllib.request.OpenerDirector:
+    """urllib with http(s), their proxies and redirects only: a redirect to ftp: or file: is refused
+    (urllib's default opener would follow it)."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler, urllib.request.HTTPHandler, urllib.request.HTTPSHandler,
+                    urllib.request.HTTPRedirectHandler, urllib.request.HTTPErrorProcessor,
+                    urllib.request.HTTPDefaultErrorHandler):
+        opener.add_handler(handler())
+    return opener
+
+
 def _fetch(url: str) -> bytes:
+    """The body at `url`: at most MAX_IMAGE_BYTES, read in chunks against a deadline URL_DEADLINE
+    seconds after the start (a read in progress waits at most URL_TIMEOUT more), so that a server
+    that sends a byte at a time cannot hold us."""
+    deadline = time.monotonic() + URL_DEADLINE
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
-            return response.read()
+        with _opener().open(request, timeout=min(URL_TIMEOUT, URL_DEADLINE)) as response:
+            size = response.headers.get("Content-Length")
+            if size is not None and size.isdigit() and int(size) > MAX_IMAGE_BYTES:
+                raise InputError(f"cannot fetch image {url}: {size} bytes, more than the limit of {MAX_IMAGE_BYTES}")
+            chunks, total = [], 0
+            while chunk := response.read1(2**16):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > MAX_IMAGE_BYTES:
+                    raise InputError(f"cannot fetch image {url}: more than the limit of {MAX_IMAGE_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise InputError(f"cannot fetch image {url}: not complete after {URL_DEADLINE:g} s")
+            return b"".join(chunks)
     except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError and timeouts are OSErrors
         raise InputError(f"cannot fetch image {url}: {e}") from None
 
@@ -100,12 +141,12 @@ def _decode(data: bytes, name: str) -> Image.Image:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse the whole range.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             image.load()  # decode now, so a truncated file fails here and not during preprocessing
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise InputError(f"{name}: refusing a possible decompression bomb: {e}") from None
         except Image.UnidentifiedImageError:
-            raise InputError(f"{name} is not an image (Pillow cannot identify its format)") from None
+            raise InputError(f"{name} is not an image in a supported format ({', '.join(FORMATS)})") from None
         except Exception as e:  # decoders raise OSError, SyntaxError, EOFError, struct.error, ...
             raise InputError(f"{name} is not a readable image: {e}") from None
     return image

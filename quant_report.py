@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chat import encode_chat
-from generate import load_tokenizer, resolve_weights
-from inputs import InputError, read_json
-from load import DTYPES, load_model, pick_device, read_checkpoint
+from generate import Session
+from inputs import InputError, read_json, read_text
+from load import DTYPES
 
 FORMAT = "quant_report/1"
 
@@ -191,13 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = p.parse_args(argv)
     try:
-        weights, mmproj = resolve_weights(args.model, args.mmproj)
-        model = load_model(weights, pick_device(args.device), DTYPES[args.dtype], mmproj=mmproj)
+        session = Session(args.model, args.device, args.dtype, tokenizer=args.tokenizer, mmproj=args.mmproj)
+        model = session.load()
         if args.mode == "reference":
             if not (args.text and args.out):
                 p.error("reference needs --text and --out")
-            tokenizer = load_tokenizer(args.tokenizer, weights, read_checkpoint(weights, mmproj))
-            ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"))
+            tokenizer = session.tokenizer
+            ids = tokenizer.encode(read_text(args.text, what=f"--text {args.text}"))
             chunks = text_chunks(ids, tokenizer.bos_id, args.context, args.chunks)
             chat = conversation(tokenizer, read_json(Path(args.messages))) if args.messages else None
             ref = make_reference(model, chunks, args.top_k, chat)

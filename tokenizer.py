@@ -15,6 +15,7 @@ Tekken id layout (vocabulary of n_words ids):
                             ranks 0..255 are the 256 single bytes, so every text has an encoding
 """
 import base64
+import functools
 import operator
 import re
 from collections import Counter
@@ -25,11 +26,21 @@ from pathlib import Path
 import sentencepiece
 import tiktoken
 
-from inputs import InputError, MissingFileError, read_json
+from inputs import InputError, parse_json, read_bytes, read_json
 
 POLICIES = ("ignore", "keep", "raise")  # what decode does with special tokens
+MAX_TOKENIZER_BYTES = 256 * 2**20        # tekken.json is 15-20 MB, a SentencePiece model 0.5 MB
 TEKKEN_VERSIONS = ("v3", "v7", "v11", "v13")
 SENTENCEPIECE_VERSIONS = ("v1", "v2", "v3", "v7")
+
+# The pre-tokenizer pattern of every official tekken.json (v3 to v13). Text is cut into pieces by it,
+# then each piece is BPE-encoded on its own.
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+                  r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# \s of tiktoken's regex engine: the Unicode White_Space characters (fixed since Unicode 6.3).
+WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+LONG_BLANKS = 1000   # a run of blanks from this length on is cut out of the text before tiktoken sees it
 
 # A tekken.json of version v7 or below may lack its special_tokens list: then these are ids 0..19.
 BUILTIN_SPECIALS = (
@@ -63,14 +74,11 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
         path = Path(path)
-        if not path.is_file():
-            raise MissingFileError(f"tokenizer file not found: {path}")
-        with open(path, "rb") as f:
-            looks_like_json = f.read(64).lstrip().startswith(b"{")
-        if path.suffix == ".json" or looks_like_json:
-            return Tekken(path)
+        data = read_bytes(path, MAX_TOKENIZER_BYTES, f"tokenizer file {path}")   # a FIFO is never opened
+        if path.suffix == ".json" or data[:64].lstrip().startswith(b"{"):
+            return Tekken(path, parse_json(data, str(path)))
         if ".model" in path.name:
-            return SentencePiece(path)
+            return SentencePiece(path, data)
         raise InputError(f"{path}: not a tokenizer file; expected a tekken.json or a "
                          "SentencePiece tokenizer.model[.vN]")
 
@@ -135,10 +143,12 @@ class Tokenizer:
 
 class Tekken(Tokenizer):
     """Tekken (tekken.json): tiktoken BPE over UTF-8 bytes, ids laid out as in the module docstring.
-    data: the tekken.json document when it does not come from `path` itself (gguf_file rebuilds it)."""
+    data: the tekken.json document, when it is already read (from_file) or made (gguf_file rebuilds one
+    from a GGUF's tokenizer.ggml.* keys)."""
 
     def __init__(self, path: Path, data: dict | None = None):
-        data = read_json(path) if data is None else data
+        path = Path(path)
+        data = read_json(path, limit=MAX_TOKENIZER_BYTES) if data is None else data
         if not (isinstance(data, dict) and isinstance(data.get("config"), dict)
                 and isinstance(data.get("vocab"), list)):
             raise InputError(f"{path}: not a Tekken file (expected a JSON object with 'config' and 'vocab')")
@@ -167,6 +177,7 @@ class Tekken(Tokenizer):
         ranks = _tekken_ranks(data["vocab"], n_special, self.n_words - n_special, path)
         # tiktoken only compares ranks, so handing it ranks already shifted by n_special makes
         # its output our ids directly.
+        self._pattern, self._path = pattern, path
         try:
             self._bpe = tiktoken.Encoding(path.name, pat_str=pattern, mergeable_ranks=ranks,
                                           special_tokens={})
@@ -176,7 +187,26 @@ class Tekken(Tokenizer):
     def _encode(self, text: str) -> list[int]:
         # encode_ordinary never matches special tokens in text. tiktoken turns lone surrogates,
         # which have no UTF-8 form, into U+FFFD (as mistral-common, which calls it too).
-        return self._bpe.encode_ordinary(text)
+        if self._pattern != TEKKEN_PATTERN or len(text) < LONG_BLANKS:
+            return self._encode_ordinary(text)
+        # tiktoken's regex engine overflows its stack on \s+(?!\S) over a run of about a million
+        # blanks (a Rust panic, for mistral-common too). The piece that this alternative would make
+        # of a long run is cut out here and BPE-encoded directly: the same ids (long_blank_pieces).
+        ids, start = [], 0
+        for begin, end in long_blank_pieces(text):
+            ids += self._encode_ordinary(text[start:begin])
+            ids += self._bpe._encode_single_piece(text[begin:end])
+            start = end
+        return ids + self._encode_ordinary(text[start:]) if start else self._encode_ordinary(text)
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        try:
+            return self._bpe.encode_ordinary(text)
+        except BaseException as e:   # a Rust panic is a pyo3 PanicException, not an Exception
+            if type(e).__name__ != "PanicException":
+                raise
+            raise InputError(f"text of {len(text)} characters: tiktoken fails on it with the pattern of "
+                             f"{self._path} ({str(e)[:100]})") from None
 
     def _decode(self, ids: list[int], keep: bool) -> str:
         # Each run of regular tokens is decoded on its own, as mistral-common does: the bytes of one
@@ -197,10 +227,12 @@ class SentencePiece(Tokenizer):
     """SentencePiece (.model files of the v1, v2, v3 and v7 Mistral tokenizers). Its control
     pieces are the special tokens: <s> and </s>, from v2 on also [INST], [/INST], ..."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, data: bytes | None = None):
+        path = Path(path)
         self.version = _sentencepiece_version(path)
+        data = read_bytes(path, MAX_TOKENIZER_BYTES) if data is None else data
         try:
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=data)
         except (RuntimeError, OSError) as e:
             raise InputError(f"{path}: not a SentencePiece model ({e})") from None
         sp = self._sp
@@ -231,9 +263,45 @@ class SentencePiece(Tokenizer):
         return piece.replace("\u2581", " ").encode("utf-8")
 
 
+def _is_int(value) -> bool:
+    """An integer of the JSON file: true and false are not (bool is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@functools.cache
+def _blank_runs(min_length: int) -> re.Pattern:
+    """Runs of at least min_length (>= 2) White_Space characters. The lookbehind lets a match start
+    only at a run's first blank, so that finding them stays linear; it comes after the first blank,
+    so that the regex engine skips to blanks at C speed (4 ms per MB of mixed text)."""
+    blank = f"[{WHITE_SPACE}]"
+    return re.compile(f"{blank}(?<!{blank}{blank}){blank}{{{min_length - 1},}}")
+
+
+def long_blank_pieces(text: str, min_length: int | None = None):
+    r"""(begin, end) of each piece that TEKKEN_PATTERN makes of a long run of blanks: the blanks after
+    a run's last line break (the whole run if it has none), at least min_length of them, but the last
+    one when text goes on after the run (\s+(?!\S) leaves it to the next piece). Why these are
+    pieces of the pattern, whatever surrounds them:
+    - no piece goes on past `begin`: a piece that reaches a line break ends after the last one of
+      its run ([\r\n/]* and \s*[\r\n]+ stop there), and none goes from a non-blank into blanks;
+    - at `begin` the alternatives before \s+(?!\S) fail (no letter, digit or line break follows), and
+      \s+(?!\S) takes the run but its last blank if a non-blank follows;
+    - nothing in the pattern looks behind, and nothing before `begin` looks past it (the blank at
+      `begin` and the end of a text read alike to every alternative that can stop there).
+    So encoding the text around the pieces on its own and each piece as one BPE piece gives the ids
+    of the whole text (tests/test_bad_input.py checks it with min_length 2 on the tokenizer corpus)."""
+    min_length = min_length or LONG_BLANKS
+    for run in _blank_runs(min_length).finditer(text):
+        begin, end = run.span()
+        begin += max(run.group().rfind("\r"), run.group().rfind("\n")) + 1
+        end -= end < len(text)
+        if end - begin >= min_length:
+            yield begin, end
+
+
 def _config_value(config: dict, key: str, kind: type, path: Path):
     value = config.get(key)
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or (kind is int and not _is_int(value)):
         raise InputError(f"{path}: config[{key!r}] must be of type {kind.__name__}, got {value!r:.100}")
     return value
 
@@ -247,7 +315,7 @@ def _tekken_specials(listed, version: str, n_special: int, path: Path) -> list[s
     elif isinstance(listed, list):
         names = []
         for i, entry in enumerate(listed):
-            if not (isinstance(entry, dict) and entry.get("rank") == i
+            if not (isinstance(entry, dict) and _is_int(entry.get("rank")) and entry["rank"] == i
                     and isinstance(entry.get("token_str"), str)):
                 raise InputError(f"{path}: special_tokens[{i}] must be {{'rank': {i}, 'token_str': ...}}, "
                                  f"got {entry!r:.100}")
@@ -269,18 +337,21 @@ def _tekken_ranks(vocab: list, n_special: int, n_regular: int, path: Path) -> di
     if len(vocab) < n_regular:
         raise InputError(f"{path}: vocab has {len(vocab)} entries, fewer than the {n_regular} declared "
                          "(default_vocab_size - default_num_special_tokens)")
-    ranks = {}
+    ranks, first = {}, {}
     for rank, entry in enumerate(vocab[:n_regular]):
         try:
-            token = base64.b64decode(entry["token_bytes"])
+            # validate: junk characters are an error, not silently dropped
+            token = base64.b64decode(entry["token_bytes"], validate=True)
             listed_rank = entry["rank"]
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path}: vocab[{rank}] is malformed ({e!r}): {entry!r:.100}") from None
-        if listed_rank != rank:
+        if not _is_int(listed_rank) or listed_rank != rank:
             raise InputError(f"{path}: vocab[{rank}] has rank {listed_rank!r}; ranks must run 0, 1, 2, ...")
+        if token in first:
+            raise InputError(f"{path}: vocab[{first[token]}] and vocab[{rank}] hold the same token bytes "
+                             f"{token!r:.60}; the vocab lists the same token bytes twice")
+        first[token] = rank
         ranks[token] = n_special + rank
-    if len(ranks) < n_regular:
-        raise InputError(f"{path}: vocab lists the same token bytes twice")
     if any(ranks.get(bytes([b])) != n_special + b for b in range(256)):
         raise InputError(f"{path}: vocab must start with the 256 single bytes 0x00..0xff in order")
     return ranks
@@ -300,7 +371,7 @@ def _image_config(data: dict, version: str, path: Path) -> ImageConfig | None:
     # Files for models without patch merging (Pixtral 12B) omit spatial_merge_size: it is 1.
     merge = section.get("spatial_merge_size", 1)
     image = ImageConfig(section["image_patch_size"], section["max_image_size"], merge)
-    if not all(isinstance(v, int) and v > 0 for v in astuple(image)):
+    if not all(_is_int(v) and v > 0 for v in astuple(image)):
         raise InputError(f"{path}: image sizes must be positive integers, got {section!r:.100}")
     return image
 

@@ -310,8 +310,8 @@ def test_the_decoding_step_is_one_graph(repo):
 
 @torch.no_grad()
 def test_decoding_reads_the_cache_up_to_the_new_token(repo):
-    """An eager step reads the cache up to its own position (length = pos + 1), a compiled one the whole
-    cache, masked: the same logits. Negative control: one position short misses the token's own key."""
+    """An eager step reads the cache up to its own position (length = pos + 1), a compiled one on a GPU
+    the whole cache, masked: the same logits. Negative control: one position short misses the token's own key."""
     model = load_model(repo[0])
     model.setup_cache(1, 40)
     model(torch.tensor([[1, 3, 1000, 1001, 1002, 4]]), input_pos=torch.arange(6))
@@ -323,6 +323,30 @@ def test_decoding_reads_the_cache_up_to_the_new_token(repo):
     control = (one_short - whole).abs().max().item()
     print(f"length 7 vs whole cache: {diff:.2e}; length 6: {control:.2e}")
     assert diff <= 1e-5 and control > 1e-2      # (summation order differs with the length)
+
+
+def test_a_compiled_step_on_the_cpu_reads_the_cache_up_to_its_position(repo, monkeypatch):
+    """On the CPU a compiled step is given the length that an eager one reads (pos + 1), not None (the
+    whole cache, prompt + max_tokens: slower than eager with the default 4096), and compiles once for
+    all the steps of an answer (the length is a dynamic int, not a new graph per position). Same tokens
+    as the eager steps."""
+    from torch._dynamo.utils import counters
+    model = load_model(repo[0])
+    prompt, n = [1, 3, 1000, 1001, 1002, 4], 12
+    eager, _ = generate.generate(model, prompt, [], n, Sampling(0.0), set())
+    torch._dynamo.reset()
+    compiled = generate.compiled_decode_step("cpu")
+    lengths = []
+
+    def spy(model, token, pos, hidden, length):
+        lengths.append(length)
+        return compiled(model, token, pos, hidden, length)
+    monkeypatch.setattr(generate, "compiled_decode_step", lambda *args: spy)
+    graphs = counters["stats"]["unique_graphs"]
+    out, _ = generate.generate(model, prompt, [], n, Sampling(0.0), set(), compile=True)
+    assert lengths == list(range(len(prompt) + 1, len(prompt) + n))
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert out == eager
 
 
 def test_hugging_face_layout_folder(repo, oracle, tmp_path, capsys):

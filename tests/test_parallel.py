@@ -317,7 +317,7 @@ def check_compiled(folder: Path) -> dict:
     # One step again, on the cache as generate left it: the compiled step's logits and the eager one's.
     token, pos = torch.tensor([found["compiled"][:1]]), torch.tensor([len(TEXT)])
     with torch.inference_mode():
-        found["step diff"] = max_diff(generate.compiled_decode_step()(model, token, pos),
+        found["step diff"] = max_diff(generate.compiled_decode_step("cpu")(model, token, pos),
                                       generate.decode_step(model, token, pos))
     return found
 
