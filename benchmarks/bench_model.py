@@ -14,7 +14,9 @@ process, so that load time and peak memory are clean:
     prefill       a 512-token prompt to its first token: tokens per second
     decode        greedy, 128 new tokens after a 16-token prompt, timed as they arrive (our on_token,
                   transformers' streamer): (128 - 1) / (time of the last - time of the first); also ours
-                  with compile=True (generate.py --compile), compile time apart
+                  with compile=True (generate.py --compile), compile time apart. Ours with the KV cache
+                  of a default answer (prompt + 4096 positions, generate.py's --max-tokens), stopped
+                  after the 128th token; transformers' cache grows with the tokens
     TTFT image    a prompt with one 1000 x 700 image (25 x 36 image tokens) to its first token, from
                   normalized pixels (preprocessing, the same for both, is not timed)
 Then the speeds are measured again (--rounds), the two sides taking turns, and the best run counts.
@@ -57,6 +59,7 @@ MODELS = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PREFILL_TOKENS, DECODE_TOKENS, DECODE_PROMPT = 512, 128, 16
+DEFAULT_MAX_TOKENS = 4096   # generate.py's default --max-tokens: the cache a user's answer gets
 IMAGE_SIZE = (1000, 700)   # width, height: 25 rows x 36 columns of image tokens
 
 
@@ -157,11 +160,13 @@ class Clock:
     """When each new token arrives: our on_token callback, and transformers' streamer interface
     (whose first put() is the prompt)."""
 
-    def __init__(self, skip_first: bool = False):
-        self.times, self.skip = [], skip_first
+    def __init__(self, skip_first: bool = False, stop_after: int | None = None):
+        self.times, self.skip, self.stop_after = [], skip_first, stop_after
 
     def __call__(self, token):
         self.times.append(time.perf_counter())
+        if len(self.times) == self.stop_after:
+            raise KeyboardInterrupt   # generate() stops there and returns the tokens so far
 
     def put(self, value):
         if not self.skip:
@@ -180,10 +185,11 @@ def _ours(folder: Path, dtype):
     from load import load_model
     model = load_model(folder / "native", dtype=dtype)
 
-    def run(prompt, images, n, clock=None, compile=False):
+    def run(prompt, images, n, clock=None, compile=False, max_tokens=None):
+        # max_tokens: the cache's room (prompt + max_tokens positions); the clock stops the answer at n
         images = [im.to(dtype) for im in images]
-        return generate(model, prompt, images, n, Sampling(temperature=0.0), stop_ids=set(), on_token=clock,
-                        compile=compile)[0]
+        return generate(model, prompt, images, max_tokens or n, Sampling(temperature=0.0), stop_ids=set(),
+                        on_token=clock, compile=compile)[0]
     return run
 
 
@@ -224,7 +230,9 @@ def worker(impl: str, folder: Path, name: str, dtype_name: str, threads: int, re
     out = {"load_s": load_s, "load_gb": _memory_gb("VmHWM") - before}
 
     def decode(**kwargs) -> float:
-        clock = Clock()
+        clock = Clock(stop_after=DECODE_TOKENS)
+        if impl == "ours":
+            kwargs["max_tokens"] = DEFAULT_MAX_TOKENS
         out["ids"] = run(text[:DECODE_PROMPT], [], DECODE_TOKENS, clock, **kwargs)
         return clock.tokens_per_second()
     out["decode_tps"] = max(decode() for _ in range(repeats + 1))
