@@ -37,10 +37,11 @@ from inputs import MAX_DEPTH, InputError, check_depth, json_depth, read_text
 VERSIONS = ("v7", "v11", "v13")
 JOIN = "\n\n"  # joins the texts of consecutive user (or assistant) messages and text parts
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # function names
+NAME_RULE = "must be 1-64 letters, digits, '_' or '-'"
 CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # tool-call ids up to v11
 SCHEMA_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
-# which roles may directly follow which (mistral-common's order rule)
-FOLLOWS = {
+# the roles that may directly follow each role (mistral-common's order rule)
+MAY_FOLLOW = {
     "system": {"system", "user", "assistant"},
     "user": {"system", "user", "assistant"},
     "assistant": {"assistant", "user", "tool"},
@@ -71,7 +72,7 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
         raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     turns = [read_message(tokenizer, message, i) for i, message in enumerate(messages)]
     check_order(turns)
-    turns = merge(turns, version)
+    turns = join_turns(turns, version)
 
     users = [k for k, turn in enumerate(turns) if turn.role == "user"]
     # tools go before the last user message (v13: the first), so the model sees them fresh
@@ -106,7 +107,7 @@ def read_message(tokenizer, message: dict, i: int) -> Turn:
         raise InputError(f"message {i}: role must be a string (system, user, assistant or tool), "
                          f"got {type(role).__name__} {role!r:.60}")
     role = "system" if role == "developer" else role  # OpenAI's newer name for system
-    if role not in FOLLOWS:
+    if role not in MAY_FOLLOW:
         raise InputError(f"message {i}: unknown role {role!r}; expected system, user, assistant or tool")
     content = message.get("content")
     if content is None and role != "assistant":
@@ -124,7 +125,7 @@ def read_message(tokenizer, message: dict, i: int) -> Turn:
         turn.call_id = message.get("tool_call_id")
         check_call_id(turn.call_id, i, role, tokenizer.version)
         if message.get("name") is not None and not NAME.fullmatch(str(message["name"])):
-            fail(i, role, f"tool name {message['name']!r} must be 1-64 letters, digits, '_' or '-'")
+            fail(i, role, f"tool name {message['name']!r} {NAME_RULE}")
     return turn
 
 
@@ -171,7 +172,7 @@ def read_call(call, i: int, version: str) -> dict:
                              f"got {call!r:.80}")
     name = function.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        fail(i, "assistant", f"function name {name!r} must be 1-64 letters, digits, '_' or '-'")
+        fail(i, "assistant", f"function name {name!r} {NAME_RULE}")
     check_call_id(call.get("id"), i, "assistant", version)
     return {"id": call["id"], "name": name, "arguments": read_arguments(function.get("arguments"), i)}
 
@@ -214,7 +215,7 @@ def read_tools(tools) -> list[dict]:
         name, description = function.get("name"), function.get("description") or ""
         parameters = {} if function.get("parameters") is None else function["parameters"]
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise InputError(f"tool {k}: function name {name!r} must be 1-64 letters, digits, '_' or '-'")
+            raise InputError(f"tool {k}: function name {name!r} {NAME_RULE}")
         if not isinstance(description, str):
             raise InputError(f"tool {k} ({name}): description must be a string")
         check_json(parameters, f"tool {k} ({name}) parameters")     # bounds the depth check_schema walks
@@ -260,7 +261,7 @@ def check_order(turns: list[Turn]):
     if len(turns) == 1 and turns[0].role not in ("system", "user"):
         fail(0, turns[0].role, "a conversation must start with a user or system message")
     for before, turn in zip(turns, turns[1:]):
-        if turn.role not in FOLLOWS[before.role]:
+        if turn.role not in MAY_FOLLOW[before.role]:
             fail(turn.index, turn.role, f"a {turn.role} message cannot follow a {before.role} message")
     for turn in turns[:-1]:
         if turn.prefix:
@@ -290,7 +291,7 @@ def check_tool_results(turns: list[Turn]):
             pending = set(ids)
 
 
-def merge(turns: list[Turn], version: str) -> list[Turn]:
+def join_turns(turns: list[Turn], version: str) -> list[Turn]:
     """Join consecutive user (and assistant) messages into one turn; order tool results by their calls."""
     merged: list[Turn] = []
     calls: list[str] = []

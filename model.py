@@ -153,7 +153,7 @@ class TransformerBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
-TEXT_ONLY = "this model is text-only (its checkpoint has no vision encoder): it cannot take images"
+TEXT_ONLY_ERROR = "this model is text-only (its checkpoint has no vision encoder): it cannot take images"
 
 
 class Transformer(nn.Module):
@@ -225,11 +225,11 @@ class Transformer(nn.Module):
     def embed(self, tokens: torch.Tensor, images: list[torch.Tensor] | None = None) -> torch.Tensor:
         """tokens [B, S] -> their embeddings [B, S, D]. A text model takes no images."""
         if images is not None and not (isinstance(images, (list, tuple)) and not images):
-            raise InputError(TEXT_ONLY)
+            raise InputError(TEXT_ONLY_ERROR)
         return self.tok_embeddings(tokens)
 
     def image_features(self, images: list[torch.Tensor]) -> torch.Tensor:
-        raise InputError(TEXT_ONLY)
+        raise InputError(TEXT_ONLY_ERROR)
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate a KV cache for `batch_size` sequences of up to `max_seq_len` tokens (once), with the

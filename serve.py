@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import queue
+import socket
 import sys
 import threading
 import time
@@ -290,7 +291,9 @@ class ModelThread:
 # ----------------------------------------------------------------------------- HTTP
 
 class Server(ThreadingHTTPServer):
-    daemon_threads = True
+    # Connection threads are joined on close (server_close), not left running while Python exits: a
+    # thread still alive then can abort the process ("terminate called without an active exception").
+    daemon_threads = False
 
     def __init__(self, session: Session, model_id: str, limits: Limits | None = None, host: str = "127.0.0.1",
                  port: int = 8000, default_seed: int | None = None):
@@ -299,9 +302,28 @@ class Server(ThreadingHTTPServer):
         self.limits = limits or Limits()
         self.created = int(time.time())
         self.model_thread = ModelThread(session)
+        self.connections: set[socket.socket] = set()   # open client connections, ended on close
+        self.connections_lock = threading.Lock()
+
+    def process_request_thread(self, request, client_address):
+        with self.connections_lock:
+            self.connections.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections.discard(request)
 
     def close(self):
+        """Stop accepting, end every open connection (an idle keep-alive one, a stream: its job is then
+        cancelled), wait for their threads, then for the model thread."""
         self.shutdown()
+        with self.connections_lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:   # already closed by the client
+                    pass
         self.server_close()
         self.model_thread.close()
 

@@ -28,7 +28,7 @@ import tiktoken
 
 from inputs import InputError, parse_json, read_bytes, read_json
 
-POLICIES = ("ignore", "keep", "raise")  # what decode does with special tokens
+DECODE_POLICIES = ("ignore", "keep", "raise")  # what decode does with special tokens
 MAX_TOKENIZER_BYTES = 256 * 2**20        # tekken.json is 15-20 MB, a SentencePiece model 0.5 MB
 TEKKEN_VERSIONS = ("v3", "v7", "v11", "v13")
 SENTENCEPIECE_VERSIONS = ("v1", "v2", "v3", "v7")
@@ -94,8 +94,8 @@ class Tokenizer:
 
     def decode(self, ids, special: str = "ignore") -> str:
         """Text of `ids`; special tokens are dropped ("ignore"), named ("keep") or refused ("raise")."""
-        if special not in POLICIES:
-            raise InputError(f"special must be one of {POLICIES}, got {special!r}")
+        if special not in DECODE_POLICIES:
+            raise InputError(f"special must be one of {DECODE_POLICIES}, got {special!r}")
         ids = self._checked(ids)
         if special == "raise":
             found = next((i for i in ids if i in self._specials), None)

@@ -111,7 +111,9 @@ class VisionTransformer(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """The tower: patch convolution (no bias), ln_pre, then the transformer; no final norm."""
+    """The tower: patch convolution (no bias), ln_pre, then the transformer; no final norm. (The names
+    follow the checkpoint's keys, vision_encoder.transformer.layers.N: mistral-inference calls the tower
+    VisionTransformer and this stack VisionTransformerBlocks.)"""
 
     def __init__(self, args: VisionArgs):
         super().__init__()
