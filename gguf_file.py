@@ -20,16 +20,19 @@ The header is parsed by gguf_header.py (not by gguf's GGUFReader, 11 s to open a
 gguf package is still needed, through quants.py, for the block sizes and the IQ codebooks.
 """
 import base64
+import math
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import torch
 from torch import nn
 
 import quants
+from config import build_args
 from gguf_header import read_header
 from inputs import InputError, MissingFileError
 from model import ModelArgs
@@ -75,7 +78,9 @@ def _tensor_info(path: Path, name: str, ne: list, type_id: int, offset: int) -> 
     except ValueError:
         raise InputError(f"{path}: tensor {name!r} has the unknown GGML type id {type_id}") from None
     block, size = quants.GGML_QUANT_SIZES[qtype]
-    n = int(np.prod(ne))
+    if not ne or not 1 <= len(ne) <= 4 or min(ne) < 1:
+        raise InputError(f"{path}: tensor {name!r} has the sizes {ne[:8]}; expected 1 to 4 positive sizes")
+    n = math.prod(ne)   # a Python int: no overflow
     if ne[0] % block:
         raise InputError(f"{path}: tensor {name!r} of type {qtype.name}: its rows of {ne[0]} weights are "
                          f"not whole blocks of {block}")
@@ -88,6 +93,8 @@ def gguf_parts(path: Path) -> list[Path]:
     if match is None:
         return [path]
     count = int(match.group(3))
+    if not 1 <= int(match.group(2)) <= count:
+        raise InputError(f"{path}: part {int(match.group(2))} of {count}: not a part of a split set")
     parts = [path.with_name(f"{match.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
@@ -101,62 +108,55 @@ TEXT_ARCHS = ("llama", "mistral3")
 
 
 def text_args(meta: dict, source: str) -> ModelArgs:
-    """ModelArgs from a text file's `{arch}.*` keys."""
+    """ModelArgs from a text file's `{arch}.*` keys, checked as params.json's are (config.build_args)."""
     arch = meta.get("general.architecture")
     if arch not in TEXT_ARCHS:
         raise InputError(f"{source}: general.architecture is {arch!r}; expected one of {TEXT_ARCHS} (a Mistral "
                          f"Small 3.x text file; an mmproj goes in mmproj=)")
-
-    def key(name: str, default=None):
-        value = meta.get(f"{arch}.{name}", default)
-        if value is None:
-            raise InputError(f"{source}: missing key {arch}.{name}")
-        return value
-
     for name in ("rope.scaling.type", "expert_count", "attention.sliding_window"):
         if meta.get(f"{arch}.{name}") not in (None, 0, "none"):
-            raise InputError(f"{source}: {arch}.{name} = {meta[f'{arch}.{name}']!r} is not supported by this "
+            raise InputError(f"{source}: {arch}.{name} = {meta[f'{arch}.{name}']!r:.60} is not supported by this "
                              f"implementation")
-    dim, n_heads = key("embedding_length"), key("attention.head_count")
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])) or None
-    return ModelArgs(
-        dim=dim, n_layers=key("block_count"), hidden_dim=key("feed_forward_length"), n_heads=n_heads,
+    keys = {"dim": "embedding_length", "n_layers": "block_count", "hidden_dim": "feed_forward_length",
+            "n_heads": "attention.head_count", "head_dim": "attention.key_length",
+            "n_kv_heads": "attention.head_count_kv", "norm_eps": "attention.layer_norm_rms_epsilon",
+            "vocab_size": "vocab_size", "rope_theta": "rope.freq_base", "max_position_embeddings": "context_length"}
+    values = {ours: meta[f"{arch}.{theirs}"] for ours, theirs in keys.items() if f"{arch}.{theirs}" in meta}
+    dim, n_heads = values.get("dim"), values.get("n_heads")
+    if "head_dim" not in values and isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0:
         # llama.cpp's fallback when key_length is absent; wrong for Small 3.x (160, not 128), which the
         # shape check of attn_q then reports.
-        head_dim=key("attention.key_length", dim // n_heads),
-        n_kv_heads=key("attention.head_count_kv", n_heads), norm_eps=key("attention.layer_norm_rms_epsilon"),
-        vocab_size=vocab or 0, rope_theta=key("rope.freq_base", 10000.0),
-        max_position_embeddings=key("context_length", 131072))
+        values["head_dim"] = dim // n_heads
+    values.setdefault("n_kv_heads", n_heads)
+    values.setdefault("rope_theta", 10000.0)
+    values.setdefault("vocab_size", len(meta.get("tokenizer.ggml.tokens") or []) or None)
+    return build_args(ModelArgs, {k: v for k, v in values.items() if v is not None}, source,
+                      keys={ours: f"{arch}.{theirs}" for ours, theirs in keys.items()})
 
 
 def vision_args(meta: dict, source: str, image_token_id: int) -> VisionArgs:
-    """VisionArgs from an mmproj's `clip.*` keys."""
+    """VisionArgs from an mmproj's `clip.*` keys, checked as params.json's are (config.build_args)."""
     if meta.get("general.architecture") != "clip" or meta.get("clip.projector_type") != "pixtral":
         raise InputError(f"{source}: not a Pixtral mmproj (general.architecture "
-                         f"{meta.get('general.architecture')!r}, clip.projector_type "
-                         f"{meta.get('clip.projector_type')!r}; expected 'clip' and 'pixtral')")
+                         f"{meta.get('general.architecture')!r:.40}, clip.projector_type "
+                         f"{meta.get('clip.projector_type')!r:.40}; expected 'clip' and 'pixtral')")
     if not meta.get("clip.use_silu"):
         # llama.cpp's note on Mistral Small's tower says GELU; the official tower is SiLU, which runs here.
         flag = "clip.use_gelu" if meta.get("clip.use_gelu") else "no activation flag"
         warnings.warn(f"{source}: the file says {flag}; the official tower's feed-forward is SiLU and runs as such")
     eps = meta.get("clip.vision.attention.layer_norm_epsilon", NORM_EPS)
-    if abs(eps - NORM_EPS) > 1e-9:
-        raise InputError(f"{source}: clip.vision.attention.layer_norm_epsilon is {eps}; this tower has {NORM_EPS}")
-
-    def key(name: str):
-        if f"clip.vision.{name}" not in meta:
-            raise InputError(f"{source}: missing key clip.vision.{name}")
-        return meta[f"clip.vision.{name}"]
-
-    size = key("image_size")
-    return VisionArgs(
-        hidden_size=key("embedding_length"), num_channels=3, image_size=size, max_image_size=size,
-        patch_size=key("patch_size"), intermediate_size=key("feed_forward_length"),
-        num_hidden_layers=key("block_count"), num_attention_heads=key("attention.head_count"),
-        # The HF route writes no theta; llama.cpp hard-codes 10000 for this projector.
-        rope_theta=meta.get("clip.rope.freq_base", 10000.0), image_token_id=image_token_id,
-        spatial_merge_size=key("spatial_merge_size"), adapter_bias=False,
-        add_pre_mm_projector_layer_norm=True, mm_projector_id="patch_merge")
+    if not isinstance(eps, float) or abs(eps - NORM_EPS) > 1e-9:
+        raise InputError(f"{source}: clip.vision.attention.layer_norm_epsilon is {eps!r:.40}; this tower has {NORM_EPS}")
+    keys = {"hidden_size": "embedding_length", "image_size": "image_size", "patch_size": "patch_size",
+            "intermediate_size": "feed_forward_length", "num_hidden_layers": "block_count",
+            "num_attention_heads": "attention.head_count", "spatial_merge_size": "spatial_merge_size"}
+    values = {ours: meta[f"clip.vision.{theirs}"] for ours, theirs in keys.items() if f"clip.vision.{theirs}" in meta}
+    values.update(num_channels=3, max_image_size=values.get("image_size"), image_token_id=image_token_id,
+                  # The HF route writes no theta; llama.cpp hard-codes 10000 for this projector.
+                  rope_theta=meta.get("clip.rope.freq_base", 10000.0), adapter_bias=False,
+                  add_pre_mm_projector_layer_norm=True, mm_projector_id="patch_merge")
+    return build_args(VisionArgs, {k: v for k, v in values.items() if v is not None}, source,
+                      keys={ours: f"clip.vision.{theirs}" for ours, theirs in keys.items()})
 
 
 def find_mmproj(text: Path) -> Path | None:
@@ -247,12 +247,10 @@ def _tensor_bytes(data: np.ndarray, info: TensorInfo) -> torch.Tensor:
 
 def _quantized_module(module: nn.Module, blocks: torch.Tensor, info: TensorInfo, source: str, dtype):
     """The quants module in place of nn.Linear / nn.Embedding `module`, holding `blocks` where they are."""
-    try:
-        kind = quants.QuantEmbedding if isinstance(module, nn.Embedding) else quants.QuantLinear
-        # .to: an IQ type's codebooks are made on the CPU; the blocks, already there, are not copied
-        return kind(blocks, info.type_name, info.shape, dtype=dtype).to(blocks.device)
-    except ValueError as e:   # a type quants.py does not dequantize
-        raise InputError(f"{source}: tensor {info.name!r}: {e}") from None
+    quants.check_type(f"{source}: tensor {info.name!r}", info.type_name)
+    kind = quants.QuantEmbedding if isinstance(module, nn.Embedding) else quants.QuantLinear
+    # .to: an IQ type's codebooks are made on the CPU; the blocks, already there, are not copied
+    return kind(blocks, info.type_name, info.shape, dtype=dtype).to(blocks.device)
 
 
 def load_gguf_weights(model: nn.Module, files: list[Path], device, dtype, place, progress) -> None:
@@ -296,10 +294,7 @@ def _assign(model: nn.Module, name: str, blocks: torch.Tensor, info: TensorInfo,
         quantized = _quantized_module(module, blocks.to(device), info, source, dtype)
         setattr(model.get_submodule(parent), child, quantized)
         return
-    try:
-        quants.check_type(f"{source}: tensor {info.name!r}", info.type_name)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    quants.check_type(f"{source}: tensor {info.name!r}", info.type_name)
     w = quants.dequantize(blocks, info.type_name, (blocks.shape[0], int(np.prod(info.shape)) // blocks.shape[0]))
     setattr(module, attr, nn.Parameter(place(name, w.view(info.shape)), requires_grad=False))
 
@@ -390,23 +385,25 @@ def quant_files(files: list[str], quant: str) -> list[str]:
 def download_gguf(model: str, mmproj: str | None = "F16") -> tuple[Path, Path | None]:
     """REPO:QUANT -> the local path of the quant's (first) file and of the mmproj of type `mmproj` (None:
     none asked for, or the repository has none), downloaded once through huggingface_hub: only those files."""
-    import huggingface_hub
     repo, quant = HUB_QUANT.fullmatch(model).groups()
+    files = _from_hub(model, huggingface_hub.list_repo_files, repo)
+    text = quant_files(files, quant)
+    if not text:
+        quants_found = sorted({m.group(1) for f in files
+                               if (m := re.search(r"-((?:UD-)?[A-Z0-9_]+?)(-\d{5}-of-\d{5})?\.gguf$", f))})
+        raise InputError(f"--model {model}: {repo} has no {quant} file (it has {', '.join(quants_found)})")
+    projectors = [f for f in files if mmproj and re.fullmatch(rf"(.*/)?mmproj.*{mmproj}\.gguf", f, re.IGNORECASE)]
+    folder = Path(_from_hub(model, huggingface_hub.snapshot_download, repo, allow_patterns=text + projectors[:1]))
+    return folder / text[0], (folder / projectors[0]) if projectors else None
+
+
+def _from_hub(model: str, call, *args, **kwargs):
+    """A huggingface_hub call; its failure is the one line a user can act on."""
     try:
-        files = huggingface_hub.list_repo_files(repo)
-        text = quant_files(files, quant)
-        if not text:
-            quants_found = sorted({m.group(1) for f in files
-                                   if (m := re.search(r"-((?:UD-)?[A-Z0-9_]+?)(-\d{5}-of-\d{5})?\.gguf$", f))})
-            raise InputError(f"--model {model}: {repo} has no {quant} file (it has {', '.join(quants_found)})")
-        projectors = [f for f in files if mmproj and re.fullmatch(rf"(.*/)?mmproj.*{mmproj}\.gguf", f, re.IGNORECASE)]
-        folder = Path(huggingface_hub.snapshot_download(repo, allow_patterns=text + projectors[:1]))
-    except InputError:
-        raise
+        return call(*args, **kwargs)
     except Exception as e:   # no network, gated repository, missing login, typo in the id
         raise MissingFileError(f"--model {model}: could not get the files from the Hugging Face hub "
                                f"({type(e).__name__}: {e})") from None
-    return folder / text[0], (folder / projectors[0]) if projectors else None
 
 
 def resolve_gguf(model: str, mmproj: str | None = None) -> tuple[Path, Path | bool | None]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inputs import InputError, MissingFileError
+from inputs import MAX_DEPTH, InputError, regular_file
 
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 STRING, ARRAY = 8, 9   # the two value types that are read apart
@@ -63,12 +63,14 @@ class _Cursor:
         # GGUF strings are UTF-8; a token of an odd vocabulary may still hold other bytes.
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, kind: int):
+    def value(self, kind: int, depth: int = 0):
         if kind in SCALARS:
             return self.scalar(SCALARS[kind])
         if kind == STRING:
             return self.string()
         if kind == ARRAY:
+            if depth >= MAX_DEPTH:
+                raise InputError(f"{self.path}: GGUF arrays nested deeper than {MAX_DEPTH} levels at byte {self.pos}")
             item, n = self.scalar("I"), self.scalar("Q")
             if item in SCALARS and item != 7:   # numbers in one read (a vocabulary's scores, token types)
                 fmt = np.dtype(self.order + SCALARS[item])
@@ -76,7 +78,7 @@ class _Cursor:
                 values = np.frombuffer(self.buf, fmt, n, self.pos).tolist()
                 self.pos += n * fmt.itemsize
                 return values
-            return [self.value(item) for _ in range(n)]
+            return [self.value(item, depth + 1) for _ in range(n)]
         raise InputError(f"{self.path}: unknown GGUF value type {kind} at byte {self.pos}")
 
     def _check(self, n: int) -> None:
@@ -87,9 +89,14 @@ class _Cursor:
 
 def read_header(path) -> Header:
     """The metadata and tensor infos of one GGUF file (nothing of the tensor data is read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such GGUF file")
+    path = regular_file(path, f"GGUF file {path}")
+    try:
+        return _parse(path)
+    except OSError as e:   # no permission, an I/O error
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def _parse(path: Path) -> Header:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InputError(f"{path}: not a GGUF file (it does not start with b'GGUF')")
@@ -112,6 +119,8 @@ def read_header(path) -> Header:
                 ne = [c.scalar("Q") for _ in range(c.scalar("I"))]
                 raw.append((name, ne, c.scalar("I"), c.scalar("Q")))
             align = metadata.get("general.alignment", 32)
+            if not isinstance(align, int) or isinstance(align, bool) or align < 1:
+                raise InputError(f"{path}: general.alignment is {align!r:.40}; expected a positive integer")
             start = -(-c.pos // align) * align   # the data begins at the next multiple of the alignment
             size = len(buf)
     tensors = [RawTensor(name, ne, type_id, start + offset) for name, ne, type_id, offset in raw]

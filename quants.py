@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inputs import InputError
+
 try:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf import quants as gguf_quants
@@ -257,16 +259,16 @@ BLOCK = {name: GGML_QUANT_SIZES[GGMLQuantizationType[name]] for name in _DEQUANT
 
 def require_gguf():
     if GGML_QUANT_SIZES is None:
-        raise ImportError("GGUF files need the gguf package (llama.cpp's): pip install gguf")
+        raise InputError("GGUF files need the gguf package (llama.cpp's): pip install gguf")
 
 
 def check_type(name: str, qtype: QType) -> str:
-    """The name of qtype if dequantize handles it; otherwise a ValueError naming the tensor `name`."""
+    """The name of qtype if dequantize handles it; otherwise an InputError naming the tensor `name`."""
     require_gguf()
     type_name = qtype if isinstance(qtype, str) else qtype.name
     if type_name not in _DEQUANTIZE:
         supported = ", ".join(_DEQUANTIZE)
-        raise ValueError(f"{name}: GGUF type {type_name} is not supported (supported: {supported})")
+        raise InputError(f"{name}: GGUF type {type_name} is not supported (supported: {supported})")
     return type_name
 
 

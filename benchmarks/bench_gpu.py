@@ -30,7 +30,8 @@ import torch._dynamo  # noqa: E402
 
 from checkpoints import REAL_PARAMS, hf_mistral3_config, native_to_hf_mistral3  # noqa: E402
 from generate import Sampling, generate  # noqa: E402
-from load import build_model, parse_params  # noqa: E402
+from config import parse_params  # noqa: E402
+from load import build_model  # noqa: E402
 from model import Transformer  # noqa: E402
 
 SMALL_PARAMS = {**REAL_PARAMS, "dim": 128, "n_layers": 6, "hidden_dim": 512, "n_heads": 4, "n_kv_heads": 1,

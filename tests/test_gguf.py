@@ -27,7 +27,8 @@ from checkpoints import (TINY_VISION_PARAMS, image_tokens, permute_rotary, rando
 from gguf_files import (QUANT_PARAMS, VISION_PREFIXES, add_tokenizer, decoded, dequantized_mmproj, finish,
                         tekken_tokens, text_type, write_mmproj, write_random_q4_k, write_text_gguf)
 from inputs import InputError
-from load import build_model, load_model, parse_params
+from config import parse_params
+from load import build_model, load_model
 from tekken_files import write_tekken
 from test_tokenizer import CONTROL_LOOKALIKES, CORPUS, differences
 
@@ -216,7 +217,8 @@ import sys, torch
 sys.path[:0] = [".", "tests"]
 import quants
 from gguf_files import QUANT_PARAMS
-from load import build_model, load_model, parse_params
+from config import parse_params
+from load import build_model, load_model
 def status(key): return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 # torch's one-off costs (about 75 MB): a first model built on the meta device, a first forward, the code
 # of a first Q4_K dequantization

@@ -10,7 +10,8 @@ import load
 import model as model_module
 from checkpoints import (REAL_TEXT_PARAMS, TINY_PARAMS, forward_in_chunks, hf_text_model, native_to_hf_text,
                          real_text_shapes, write_native)
-from load import build_model, load_model, parse_params
+from config import parse_params
+from load import build_model, load_model
 
 TOL = 1e-4
 LENGTHS = (1, 7, 64)

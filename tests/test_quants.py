@@ -9,6 +9,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 import quants
+from inputs import InputError
 
 ROWS, COLS = 16, 1024  # 64 blocks of 256 or 512 of 32
 FLOATS = ("F32", "F16", "BF16")
@@ -124,7 +125,7 @@ def test_quant_linear_compiles_fullgraph():
 
 def test_unsupported_type_names_the_tensor():
     assert quants.check_type("blk.0.attn_q.weight", GGML.Q4_K) == "Q4_K"
-    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight: GGUF type Q8_1 is not supported"):
+    with pytest.raises(InputError, match=r"blk\.0\.attn_q\.weight: GGUF type Q8_1 is not supported"):
         quants.check_type("blk.0.attn_q.weight", GGML.Q8_1)
 
 

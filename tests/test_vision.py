@@ -15,7 +15,8 @@ import model as model_module
 import vision
 from checkpoints import (REAL_PARAMS, TINY_PARAMS, TINY_VISION_PARAMS, forward_in_chunks, hf_mistral3_model,
                          hf_pixels, image_tokens, real_text_shapes, real_vision_shapes, write_native)
-from load import build_model, load_model, parse_params
+from config import parse_params
+from load import build_model, load_model
 
 TOL = 1e-4
 BOS, EOS, INST, END_INST = 1, 2, 3, 4
