@@ -439,15 +439,23 @@ def parse_calls(tokenizer, ids: list[int]) -> list[ToolCall]:
     if call_id in head:
         head, found_id = head[:head.index(call_id)], tokenizer.decode(head[head.index(call_id) + 1:])
     try:
-        return [ToolCall(tokenizer.decode(head), json.loads(raw), found_id, raw)]
-    except json.JSONDecodeError as e:
+        return [ToolCall(tokenizer.decode(head), generated_json(raw), found_id, raw)]
+    except ValueError as e:
         return [ToolCall(tokenizer.decode(head), None, found_id, raw, f"arguments are not valid JSON: {e}")]
+
+
+def generated_json(text: str):
+    """The JSON value a model wrote; a ValueError if it is not JSON or nested past MAX_DEPTH (json.loads
+    would exhaust the stack on a long run of '[')."""
+    if json_depth(text.encode("utf-8", "surrogatepass")) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return json.loads(text)
 
 
 def json_calls(text: str) -> list[ToolCall]:
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
+        value = generated_json(text)
+    except ValueError as e:
         return [ToolCall("", None, None, text, f"tool calls are not valid JSON: {e}")]
     calls = []
     for item in value if isinstance(value, list) else [value]:

@@ -43,7 +43,7 @@ from PIL import Image
 
 from chat import VERSIONS, encode_chat, optional_special
 from gguf_header import read_header
-from inputs import InputError, MissingFileError, read_json
+from inputs import InputError, MissingFileError, read_json, read_text, regular_file
 from tokenizer import BUILTIN_SPECIALS, Tokenizer
 
 FIXED_NOW = datetime(2025, 6, 20, 12, 0)  # what strftime_now sees, so a template's date never varies
@@ -56,9 +56,9 @@ CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continu
 
 def read_template(path) -> str:
     """The chat template in a .jinja file, a tokenizer_config.json or chat_template.json, or a GGUF file."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).exists():
         raise MissingFileError(f"template file not found: {path}")
+    path = regular_file(path, f"template file {path}")   # a FIFO is never opened
     with open(path, "rb") as f:
         is_gguf = f.read(4) == b"GGUF"
     if is_gguf or path.suffix == ".gguf":
@@ -68,10 +68,7 @@ def read_template(path) -> str:
     elif path.suffix == ".json":
         template = json_template(path)
     else:
-        try:
-            template = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}: not a UTF-8 text file ({e})") from None
+        template = read_text(path, what=str(path))
     if not template.strip():
         raise InputError(f"{path}: the chat template is empty")
     return template

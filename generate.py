@@ -59,6 +59,9 @@ def is_reasoning_model(model_name: str) -> bool:
     return "magistral" in model_name.lower()
 
 
+MAX_SEED = 2**64 - 1   # torch.Generator's seeds: 0 .. 2^64 - 1
+
+
 def card_defaults(model_name: str) -> Sampling:
     key = "Magistral" if is_reasoning_model(model_name) else "Mistral Small 3.x"
     return Sampling(**vars(MODEL_CARD_DEFAULTS[key]))
@@ -441,6 +444,8 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--top-p {args.top_p}: expected a number in (0, 1]")
     if args.top_k is not None and args.top_k < 0:
         parser.error(f"--top-k {args.top_k}: expected 0 (every token) or more")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED}")
 
 
 def system_problem(system: str | None) -> str | None:

@@ -107,7 +107,8 @@ _INNERMOST = re.compile(rb"\[\]|\{\}")
 
 def json_depth(data: bytes, limit: int = MAX_DEPTH) -> int:
     """The nesting depth of JSON text `data`, counting up to limit + 1 (a lower bound past that);
-    linear, without recursion. Unbalanced text gives what it gives: the parser reports it."""
+    linear, without recursion. In unbalanced text every bracket left open counts as one more level:
+    the parser would recurse into each before it found the text malformed."""
     # Escaped backslashes, then escaped quotes, go first, so that every '"' left opens or closes a
     # string; then only quotes and brackets are kept, and the (bracket-only) strings dropped.
     skeleton = data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
@@ -117,7 +118,7 @@ def json_depth(data: bytes, limit: int = MAX_DEPTH) -> int:
             return depth
         skeleton, removed = _INNERMOST.subn(b"", skeleton)
         if not removed:
-            return depth
+            return min(depth + skeleton.count(b"[") + skeleton.count(b"{"), limit + 1)
     return limit + 1
 
 

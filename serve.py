@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import queue
+import re
 import socket
 import sys
 import threading
@@ -31,10 +32,10 @@ from pathlib import Path
 import torch
 
 from chat import CALL_ID, ToolCall, new_call_id, optional_special, parse_output
-from generate import (Reply, Sampling, Session, StopGeneration, TextStream, add_model_flags, add_sampling_flags,
-                      check_sampling_flags, flag_sampling, partial_suffix)
-from images import cell_size
-from inputs import InputError
+from generate import (MAX_SEED, Reply, Sampling, Session, StopGeneration, TextStream, add_model_flags,
+                      add_sampling_flags, check_sampling_flags, flag_sampling, partial_suffix)
+from images import SCHEME, cell_size
+from inputs import InputError, parse_json
 
 MAX_TOP_LOGPROBS = 20        # OpenAI's limit
 MIN_LOGPROB = -9999.0        # what -inf is sent as (JSON has no infinity), as vLLM does
@@ -100,7 +101,7 @@ def read_request(body: dict, card: Sampling, default_seed: int | None) -> Reques
     temperature = option(body, "temperature", float, "a finite number >= 0",
                          lambda t: math.isfinite(t) and t >= 0, card.temperature)
     top_p = option(body, "top_p", float, "a number in (0, 1]", lambda p: 0 < p <= 1, card.top_p)
-    top_k = option(body, "top_k", int, "-1 or 0 (every token), or more", lambda k: k >= -1, 0)
+    top_k = option(body, "top_k", int, "-1 or 0 (every token), or more", lambda k: k >= -1, card.top_k)
     max_tokens = option(body, "max_completion_tokens", int, "an integer >= 1", lambda n: n >= 1,
                         option(body, "max_tokens", int, "an integer >= 1", lambda n: n >= 1, card.max_tokens))
     stops = option(body, "stop", (str, list), "a string or a list of non-empty strings", lambda s: all(
@@ -114,7 +115,8 @@ def read_request(body: dict, card: Sampling, default_seed: int | None) -> Reques
     return Request(
         messages=body.get("messages"), tools=option(body, "tools", list, "a list of tools"),
         sampling=Sampling(temperature, top_p, max(top_k, 0), max_tokens),
-        seed=option(body, "seed", int, "an integer", default=default_seed),
+        seed=option(body, "seed", int, f"an integer from 0 to {MAX_SEED}", lambda n: 0 <= n <= MAX_SEED,
+                    default=default_seed),
         stops=[stops] if isinstance(stops, str) else stops,
         stream=option(body, "stream", bool, "true or false", default=False),
         include_usage=option(stream_options, "include_usage", bool, "true or false", default=False),
@@ -139,12 +141,15 @@ def check_images(messages, limits: Limits) -> None:
 
 def image_source(source, folder: Path | None):
     """The source to load for an image the client names (see check_images)."""
-    if not isinstance(source, str) or source.startswith(("data:", "http://", "https://")):
-        return source   # not a string: encode_chat says what is wrong with it
+    scheme = SCHEME.match(source) if isinstance(source, str) else None
+    if not isinstance(source, str) or scheme and scheme.group(1).lower() != "file":
+        return source   # not a string, data:, http(s) or another scheme: encode_chat says what is wrong
+    if "\0" in source:
+        raise HTTPError(400, f"{source[:60]!r}: a NUL byte in an image path", param="messages")
     if folder is None:
         raise HTTPError(400, "this server reads no local image files (start it with --allow-local-images DIR); "
                              "send the image as a data: or http(s) URL", param="messages")
-    if source.startswith("file://"):
+    if scheme:
         url = urllib.parse.urlparse(source)
         if url.netloc not in ("", "localhost"):
             raise HTTPError(400, f"{source:.60}: only local file:// URLs are supported", param="messages")
@@ -342,7 +347,8 @@ class Handler(BaseHTTPRequestHandler):
     def route(self, method: str):
         path = urllib.parse.urlsplit(self.path).path.rstrip("/")
         length = self.headers.get("Content-Length", "")
-        self.unread = int(length) if length.isdigit() else 0     # bytes of the body not read yet
+        # bytes of the body not read yet; fullmatch, not isdigit, which takes "²" too
+        self.unread = int(length) if re.fullmatch(r"[0-9]{1,18}", length) else 0
         try:
             handler = ROUTES.get((method, path))
             if handler is None:
@@ -382,16 +388,16 @@ class Handler(BaseHTTPRequestHandler):
             self.unread -= len(chunk)
 
     def read_body(self) -> dict:
-        if not self.headers.get("Content-Length", "").isdigit():
-            raise HTTPError(411, "a POST needs a Content-Length header", code="length_required")
+        if not re.fullmatch(r"[0-9]{1,18}", self.headers.get("Content-Length", "")):
+            raise HTTPError(411, "a POST needs a Content-Length header (a number of bytes)", code="length_required")
         if self.unread > self.server.limits.max_body:
             raise HTTPError(413, f"the request body is {self.unread} bytes, over this server's limit of "
                                  f"{self.server.limits.max_body} bytes (--max-body-mb)", code="request_too_large")
         data, self.unread = self.rfile.read(self.unread), 0
         try:
-            body = json.loads(data)
-        except ValueError as e:              # invalid JSON or invalid UTF-8
-            raise HTTPError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            body = parse_json(data, "the request body")   # nesting bounded, then json.loads
+        except InputError as e:
+            raise HTTPError(400, str(e), code="invalid_json") from None
         if not isinstance(body, dict):
             raise HTTPError(400, f"the request body must be a JSON object, got {type(body).__name__}")
         return body
@@ -513,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_sampling_flags(parser, args)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: expected 0 (a free port) to 65535")
+    if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
+        parser.error(f"--max-body-mb {args.max_body_mb}: expected a positive number")
+    if args.max_images < 0:
+        parser.error(f"--max-images {args.max_images}: expected 0 or more")
     folder = Path(args.allow_local_images) if args.allow_local_images else None
     if folder is not None and not folder.is_dir():
         parser.error(f"--allow-local-images {args.allow_local_images}: no such folder")
@@ -524,7 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     limits = Limits(int(args.max_body_mb * 2**20), args.max_images, folder)
-    server = Server(session, args.served_model_name or args.model, limits, args.host, args.port, args.seed)
+    try:
+        server = Server(session, args.served_model_name or args.model, limits, args.host, args.port, args.seed)
+    except OSError as e:   # the port in use, an unknown host, ...
+        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
     host, port = server.server_address[:2]
     print(f"serving {server.model_id} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     try:

@@ -587,6 +587,17 @@ def test_parse_never_raises_on_random_ids(tekken):
             assert isinstance(parsed, AssistantOutput)
 
 
+def test_parse_never_raises_on_deeply_nested_calls(tekken):
+    """A model writing thousands of '[' after [TOOL_CALLS] gets a call with an error, not a RecursionError."""
+    for version in ("v7", "v11"):
+        ours = tekken[version][0]
+        ids = [ours.special_id("[TOOL_CALLS]")] + ours.encode("[" * 5000)
+        if version == "v11":
+            ids = [ours.special_id("[TOOL_CALLS]"), *ours.encode("f"), ours.special_id("[ARGS]"), *ours.encode("[" * 5000)]
+        (call,) = parse_output(ours, ids).tool_calls
+        assert call.arguments is None and "nested deeper than 64 levels" in call.error
+
+
 def test_reasoning_split(tekken):
     ours = tekken["v11"][0]
     ids = ours.encode("<think>\nLet me add: 2 + 2 = 4.\n</think>\n\nThe answer is **4**.") + [ours.eos_id]

@@ -488,3 +488,18 @@ def test_quant_report_command_line(cli_files, tmp_path, capsys):
     assert results["text"]["positions"] == 3 * 15 and results["chat"]["positions"] >= 5
     for part in ("text", "chat"):
         assert results[part]["kl_max"] < 1e-9 and results[part]["top1"] == 1
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("attention.head_count", 0, r"field 'llama.attention.head_count' = 0: expected > 0"),
+    ("block_count", 10**9, r"field 'llama.block_count' = 1000000000: expected between 1 and 1024"),
+    ("attention.layer_norm_rms_epsilon", float("nan"), r"'llama.attention.layer_norm_rms_epsilon' = nan"),
+])
+def test_gguf_metadata_is_checked_as_params_json_is(key, value, message):
+    """The {arch}.* keys go through config.build_args: a bad value names its key, before a block is built."""
+    meta = {"general.architecture": "llama", "llama.embedding_length": 48, "llama.block_count": 2,
+            "llama.feed_forward_length": 96, "llama.attention.head_count": 8, "llama.attention.head_count_kv": 2,
+            "llama.attention.key_length": 8, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+            "llama.vocab_size": 1000, f"llama.{key}": value}
+    with pytest.raises(InputError, match=message):
+        gguf_file.text_args(meta, "model.gguf")

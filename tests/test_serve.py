@@ -372,6 +372,10 @@ def bad_inputs(repo) -> list:
         ("POST to an unknown route", "POST", "/v1/completions", {"prompt": "hi"}, 404, "unknown route"),
         ("body over the limit", "POST", "/v1/chat/completions", user("x" * MAX_BODY), 413,
          f"over this server's limit of {MAX_BODY} bytes"),
+        ("JSON nested without end", "POST", "/v1/chat/completions", b"[" * 5000, 400, "nested deeper than 64"),
+        ("seed past 2^64 - 1", "POST", "/v1/chat/completions", {**user("hi"), "seed": 2**70}, 400,
+         "seed must be an integer from 0 to"),
+        ("a NUL byte in an image path", "POST", "/v1/chat/completions", image("a\0b.png"), 400, "a NUL byte"),
     ]
 
 
@@ -392,6 +396,11 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(client, url, rep
         head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 411") and b"needs a Content-Length" in body
     table.append(f"{'a chunked body (no Content-Length)':40} 411  {json.loads(body)['error']['message']}")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:    # a length that is no number
+        sock.sendall("POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n{}".encode())
+        head, _, body = b"".join(iter(lambda: sock.recv(65536), b"")).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 411") and b"needs a Content-Length" in body
+    table.append(f"{'Content-Length: ²':40} 411  {json.loads(body)['error']['message']}")
     print("\n" + "\n".join(table))
     with pytest.raises(openai.BadRequestError) as refused:       # as the openai client reports it
         hello(client, temperature=-1)
