@@ -30,7 +30,6 @@ import io
 import json
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -44,7 +43,7 @@ from PIL import Image
 from chat import VERSIONS, encode_chat, optional_special
 from gguf_header import read_header
 from inputs import InputError, MissingFileError, read_json, read_text, regular_file
-from tokenizer import BUILTIN_SPECIALS, Tokenizer
+from tokenizer import BUILTIN_SPECIALS, Tekken, Tokenizer
 
 FIXED_NOW = datetime(2025, 6, 20, 12, 0)  # what strftime_now sees, so a template's date never varies
 GGUF_KEY = "tokenizer.chat_template"
@@ -124,7 +123,7 @@ def shipped_tokenizer(version: str) -> Tokenizer:
         raise InputError(f"--tokenizer {version} builds on mistral-common's shipped vocabulary; "
                          "pip install mistral-common, or give a tekken.json")
     vocabulary = Path(spec.submodule_search_locations[0]) / "data" / "tekken_240911.json"
-    data = json.loads(vocabulary.read_text(encoding="utf-8"))
+    data = read_json(vocabulary)
     data["config"]["version"] = version
     names = dict(enumerate(BUILTIN_SPECIALS))
     if version != "v7":
@@ -133,10 +132,7 @@ def shipped_tokenizer(version: str) -> Tokenizer:
     data["special_tokens"] = [{"rank": i, "token_str": names.get(i, f"<SPECIAL_{i}>"), "is_control": True}
                               for i in range(n_special)]
     data["image"] = {"image_patch_size": 14, "max_image_size": 1540, "spatial_merge_size": 2}
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "tekken.json"
-        path.write_text(json.dumps(data), encoding="utf-8")
-        return Tokenizer.from_file(path)
+    return Tekken(vocabulary, data)
 
 
 # ---------------------------------------------------------------------------------------- rendering

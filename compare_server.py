@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from generate import Session
-from inputs import InputError, read_json
+from images import MAX_IMAGE_BYTES, file_url_path
+from inputs import InputError, read_bytes, read_json
 from load import DEFAULT_MODEL, DTYPES
 
 TOP_LOGPROBS = 20   # the most OpenAI's API (and so most servers) give
@@ -76,11 +77,8 @@ def inline_images(message):
         url = part.get("image_url", {}).get("url") if isinstance(part, dict) and part.get("type") == "image_url" \
             and isinstance(part.get("image_url"), dict) else None
         if isinstance(url, str) and not url.startswith(("data:", "http://", "https://")):
-            path = Path(urllib.request.url2pathname(url[len("file://"):]) if url.startswith("file://") else url)
-            try:
-                data = base64.b64encode(path.read_bytes()).decode()
-            except OSError as e:
-                raise InputError(f"image {url}: cannot read it ({e.strerror or e})") from None
+            path = file_url_path(url) if url.startswith("file://") else Path(url)
+            data = base64.b64encode(read_bytes(path, MAX_IMAGE_BYTES, f"image {url}")).decode()
             mime = mimetypes.guess_type(path.name)[0] or "image/png"
             part = {**part, "image_url": {**part["image_url"], "url": f"data:{mime};base64,{data}"}}
         parts.append(part)

@@ -512,8 +512,6 @@ def read_flag_files(args) -> tuple[list | None, list | None]:
 def first_messages(args, session: Session, messages: list | None = None) -> list[dict]:
     if messages is not None:
         return messages
-    if args.messages:
-        return read_flag_files(args)[0]
     system = system_prompt(args, session.folder, session.name)
     messages = [{"role": "system", "content": system}] if system else []
     if args.interactive:

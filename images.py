@@ -64,7 +64,7 @@ def load_image(source) -> Image.Image:
     if scheme in ("http", "https"):
         return _decode(_fetch(source), source)
     if scheme == "file":
-        return _decode(_read_file(_file_url_path(source)), source)
+        return _decode(_read_file(file_url_path(source)), source)
     if scheme is not None:
         raise InputError(f"{_shorten(source)}: unsupported URL scheme {scheme!r}; expected a path, or a file://, "
                          f"data: or http(s) URL (a file whose name has a colon: write it ./{_shorten(source)})")
@@ -79,7 +79,7 @@ def _read_file(path: Path) -> bytes:
     return read_bytes(path, MAX_IMAGE_BYTES, f"image file {path}")
 
 
-def _file_url_path(url: str) -> Path:
+def file_url_path(url: str) -> Path:
     parts = urllib.parse.urlparse(url)
     if parts.netloc not in ("", "localhost"):
         raise InputError(f"{url}: only local file:// URLs are supported")

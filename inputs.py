@@ -8,8 +8,9 @@ that catch those keep working.
 
 Every read of a file that a user names goes through `read_bytes`: the path must be a regular file
 (a FIFO, a device such as /dev/zero, a folder or a symlink loop is refused by name, never opened, so
-nothing hangs or reads forever) and no larger than a limit. JSON goes through `parse_json`, which
-also refuses documents nested deeper than MAX_DEPTH before Python's parser recurses into them.
+nothing hangs or reads forever) and no larger than a limit. JSON from a user or a file goes through
+`parse_json`, which also refuses documents nested deeper than MAX_DEPTH before Python's parser recurses
+into them (json_depth alone guards JSON that a model writes).
 """
 import errno
 import json

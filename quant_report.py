@@ -28,11 +28,12 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from chat import encode_chat
 from generate import Session
-from inputs import InputError, read_json, read_text
+from inputs import InputError, read_json, read_text, regular_file
 from load import DTYPES
 
 FORMAT = "quant_report/1"
@@ -111,12 +112,17 @@ def save_reference(path, ref: dict, about: dict):
 
 
 def load_reference(path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        about = f.metadata() or {}
+    """The stored distributions and their metadata; a file that is not a reference is an InputError."""
+    path = regular_file(path, f"--reference {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            about = f.metadata() or {}
+        tensors = load_file(str(path))
+    except SafetensorError as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
     if about.get("format") != FORMAT:
         raise InputError(f"{path}: not a quant_report reference (format {about.get('format')!r}, expected {FORMAT!r})")
-    return load_file(str(path)), about
+    return tensors, about
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -190,12 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = p.parse_args(argv)
+    if args.mode == "reference" and not (args.text and args.out):
+        p.error("reference needs --text and --out")
+    if args.mode == "score" and not args.reference:
+        p.error("score needs --reference")
+    if args.context < 2 or args.top_k < 1 or args.chunks is not None and args.chunks < 1:
+        p.error("--context must be at least 2, --top-k and --chunks at least 1")
     try:
         session = Session(args.model, args.device, args.dtype, tokenizer=args.tokenizer, mmproj=args.mmproj)
         model = session.load()
         if args.mode == "reference":
-            if not (args.text and args.out):
-                p.error("reference needs --text and --out")
             tokenizer = session.tokenizer
             ids = tokenizer.encode(read_text(args.text, what=f"--text {args.text}"))
             chunks = text_chunks(ids, tokenizer.bos_id, args.context, args.chunks)
@@ -204,8 +214,6 @@ def main(argv: list[str] | None = None) -> int:
             save_reference(args.out, ref, {"model": args.model, "dtype": args.dtype, "top_k": str(args.top_k)})
             print(f"{args.out}: {len(ref['target_logprob'])} positions, {Path(args.out).stat().st_size / 1e6:.1f} MB")
         else:
-            if not args.reference:
-                p.error("score needs --reference")
             ref, about = load_reference(args.reference)
             results = score(model, ref)
             print_report(results, args.model, f"{about.get('model')} ({about.get('dtype')})")

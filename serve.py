@@ -23,7 +23,6 @@ import threading
 import time
 import traceback
 import urllib.parse
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,7 +33,7 @@ import torch
 from chat import CALL_ID, ToolCall, new_call_id, optional_special, parse_output
 from generate import (MAX_SEED, Reply, Sampling, Session, StopGeneration, TextStream, add_model_flags,
                       add_sampling_flags, check_sampling_flags, flag_sampling, partial_suffix)
-from images import SCHEME, cell_size
+from images import SCHEME, cell_size, file_url_path
 from inputs import InputError, parse_json
 
 MAX_TOP_LOGPROBS = 20        # OpenAI's limit
@@ -150,10 +149,10 @@ def image_source(source, folder: Path | None):
         raise HTTPError(400, "this server reads no local image files (start it with --allow-local-images DIR); "
                              "send the image as a data: or http(s) URL", param="messages")
     if scheme:
-        url = urllib.parse.urlparse(source)
-        if url.netloc not in ("", "localhost"):
-            raise HTTPError(400, f"{source:.60}: only local file:// URLs are supported", param="messages")
-        source = urllib.request.url2pathname(url.path)
+        try:
+            source = str(file_url_path(source))
+        except InputError as e:   # not a local file:// URL
+            raise HTTPError(400, str(e), param="messages") from None
     path = (folder / source).resolve()       # an absolute source stays itself; symlinks resolved
     if not path.is_relative_to(folder.resolve()):
         raise HTTPError(400, f"{source:.60}: outside the folder this server reads images from", param="messages")
