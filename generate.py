@@ -378,7 +378,7 @@ def card_help(field: str) -> str:
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype, --compile: what Session takes (generate.py and serve.py)."""
+    """--model, --device, --dtype, --compile, --mmproj, --tokenizer: what Session takes (generate.py, serve.py)."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="local folder or hub id (default: %(default)s), or "
                                                         "a GGUF: FILE.gguf, or REPO:QUANT on the hub")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
@@ -386,6 +386,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="compile the decoding step with torch.compile (one "
                                                           "CUDA graph on a GPU): faster decoding after a slow "
                                                           "first answer")
+    p.add_argument("--mmproj", help="a GGUF's vision file (default: the mmproj*.gguf beside it), the type to "
+                                    "download with REPO:QUANT (F16 (default), BF16, F32), or none")
+    p.add_argument("--tokenizer", help="a tokenizer file (tekken.json) instead of the model's own")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -401,9 +404,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the user message; read from standard input when absent")
     add_model_flags(p)
-    p.add_argument("--mmproj", help="a GGUF's vision file (default: the mmproj*.gguf beside it), the type to "
-                                    "download with REPO:QUANT (F16 (default), BF16, F32), or none")
-    p.add_argument("--tokenizer", help="a tokenizer file (tekken.json) instead of the model's own")
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     p.add_argument("--system", help="system prompt text, or a file holding it: one word that ends in .txt or .md "
                                     "or holds a '/' must be a file (default: the model's SYSTEM_PROMPT.txt, "

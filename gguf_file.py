@@ -174,8 +174,6 @@ def read_gguf_config(path, mmproj=None) -> tuple[ModelArgs, VisionArgs | None, l
     parts = gguf_parts(path)
     text = read_gguf(parts[0])
     args = text_args(text.metadata, str(parts[0]))
-    if not args.vocab_size:
-        args.vocab_size = text.tensors["token_embd.weight"].shape[0]
     if mmproj is None:
         mmproj = find_mmproj(parts[0])
     vision = None
@@ -342,7 +340,10 @@ def gguf_tokenizer(path, mmproj=None) -> Tekken:
     if model != "gpt2" or pre != "tekken":
         raise InputError(f"{path}: tokenizer.ggml.model {model!r} / pre {pre!r} is not a Tekken tokenizer "
                          f"(expected 'gpt2' / 'tekken'); pass --tokenizer tekken.json")
-    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type", [])
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type", [])
+    if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) and isinstance(types, list)):
+        raise InputError(f"{path}: tokenizer.ggml.tokens must be a list of strings and tokenizer.ggml.token_type "
+                         f"a list; pass --tokenizer tekken.json")
     n_special = next((i for i, t in enumerate(types) if t != CONTROL), 0)
     specials = tokens[:n_special]
     alphabet = byte_alphabet()
