@@ -725,20 +725,10 @@ def test_controls_are_valid(ctx, tmp_path):
 
 # ----------------------------------------------------------------------------- beyond the table
 
-def test_interactive_bad_image_keeps_the_session(ctx, monkeypatch, capsys):
+def test_interactive_bad_image_keeps_the_session(ctx, interactive_session, capsys):
     """A bad /image drops its turn with the error printed; the next turn is answered."""
-    lines = iter(["/image /no/such/photo.png", "Hello", "/image ftp://example.com/a.png", "Hi", "And now?"])
-
-    def fake_input(prompt=""):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-    monkeypatch.setattr("builtins.input", fake_input)
-    prompts = []
-    real = generate.generate
-    monkeypatch.setattr(generate, "generate",
-                        lambda model, ids, *a, **k: prompts.append(ids) or real(model, ids, *a, **k))
+    prompts = interactive_session(["/image /no/such/photo.png", "Hello", "/image ftp://example.com/a.png", "Hi",
+                                   "And now?"])
     assert generate.main(["--model", str(ctx.repo), "-i", "--max-tokens", "2", "--dtype", "float32",
                           "--temperature", "0"]) == 0
     err = capsys.readouterr().err

@@ -263,18 +263,8 @@ def test_interrupt_stops_cleanly_with_the_text_so_far(repo):
     assert out == seen and len(out) == 3 and stats.generated_tokens == 3
 
 
-def test_interactive_keeps_the_conversation(repo, monkeypatch, capsys):
-    lines = iter(["Hello", f"/image {repo[2]}", "And this?"])
-
-    def fake_input(prompt=""):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-    monkeypatch.setattr("builtins.input", fake_input)
-    prompts = []
-    real = generate.generate
-    monkeypatch.setattr(generate, "generate", lambda model, ids, *a, **k: prompts.append(ids) or real(model, ids, *a, **k))
+def test_interactive_keeps_the_conversation(repo, interactive_session, capsys):
+    prompts = interactive_session(["Hello", f"/image {repo[2]}", "And this?"])
     assert generate.main(["--model", str(repo[0]), "-i", "--max-tokens", "3", "--dtype", "float32",
                           "--temperature", "0"]) == 0
     assert len(prompts) == 2
