@@ -317,7 +317,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="the 30 M model only")
     p.add_argument("--models", default=None, help=f"comma-separated, from {list(MODELS)}")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own count, one per core)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure the speeds again this many times, the two sides taking turns (default 1)")
     p.add_argument("--folder", help="keep the checkpoints here (reused when present) instead of a temporary one")
@@ -329,6 +329,7 @@ def main() -> None:
         return
     names = args.models.split(",") if args.models else (["30M"] if args.quick else ["0.5B", "30M"])
     dtypes = args.dtypes.split(",")
+    args.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder or tmp)
