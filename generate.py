@@ -33,6 +33,7 @@ from inputs import InputError, read_json, read_text, regular_file
 from load import (DEFAULT_MODEL, DTYPES, device_problem, load_model, model_name, pick_device, read_checkpoint,
                   resolve_model, tokenizer_file)
 from parallel import check_split, close, is_lead, launched, mesh_from_env
+from quants import QUANT_MATH
 from tokenizer import Tokenizer
 from vision import check_tokenizer
 
@@ -286,7 +287,8 @@ class Session:
     over the ranks (parallel.py), each on its own GPU, and every rank gets the same reply."""
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "bfloat16",
-                 compile: bool = False, tokenizer: str | None = None, mmproj: str | None = None):
+                 compile: bool = False, tokenizer: str | None = None, mmproj: str | None = None,
+                 quant_math: str = "fast"):
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
         self.mesh, self.device = mesh_from_env(pick_device(device))   # a bad device fails before any file is read
@@ -305,7 +307,7 @@ class Session:
         self.context = self.checkpoint.args.max_position_embeddings
         self.sampling = card_defaults(self.name)
         self.reasoning = is_reasoning_model(self.name)
-        self.dtype, self.compile = DTYPES[dtype], compile
+        self.dtype, self.compile, self.quant_math = DTYPES[dtype], compile, quant_math
         self.model = None
 
     def answer(self, messages: list[dict], tools: list | None = None, sampling: Sampling | None = None,
@@ -351,7 +353,7 @@ class Session:
         """The model, loaded on first use."""
         if self.model is None:
             self.model = load_model(self.folder, device=self.device, dtype=self.dtype, mesh=self.mesh,
-                                    mmproj=self.mmproj)
+                                    mmproj=self.mmproj, quant_math=self.quant_math)
         return self.model
 
 
@@ -363,9 +365,9 @@ def card_help(field: str) -> str:
 
 
 def add_model_flags(p: argparse.ArgumentParser, model: str | None = DEFAULT_MODEL, dtype: str = "bfloat16",
-                    compile: bool = True) -> None:
-    """--model, --device, --dtype, --mmproj, --tokenizer and (compile) --compile: what Session takes, for
-    every command that loads a model. model None: --model is required."""
+                    compile: bool = True, quant_math: bool = True) -> None:
+    """--model, --device, --dtype, --mmproj, --tokenizer, (compile) --compile and (quant_math) --quant-math:
+    what Session takes, for every command that loads a model. model None: --model is required."""
     p.add_argument("--model", default=model, required=model is None,
                    help="local folder or hub id" + (f" (default: {model})" if model else "") +
                         ", or a GGUF: FILE.gguf, or REPO:QUANT on the hub")
@@ -378,6 +380,11 @@ def add_model_flags(p: argparse.ArgumentParser, model: str | None = DEFAULT_MODE
     p.add_argument("--mmproj", help="a GGUF's vision file (default: the mmproj*.gguf beside it), the type to "
                                     "download with REPO:QUANT (F16 (default), BF16, F32), or none")
     p.add_argument("--tokenizer", help="a tokenizer file (tekken.json) instead of the model's own")
+    if quant_math:
+        p.add_argument("--quant-math", default="fast", choices=QUANT_MATH,
+                       help="a GGUF's quantized matrices: fast (Q4 types through PyTorch's int4 kernels, read as "
+                            "stored) or exact (dequantized to float32 in each step, bit-exact with gguf) "
+                            "(default: %(default)s)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -573,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     check_flags(parser, args)
     try:
         messages, tools = read_flag_files(args)
-        session = Session(args.model, args.device, args.dtype, args.compile, args.tokenizer, args.mmproj)
+        session = Session(args.model, args.device, args.dtype, args.compile, args.tokenizer, args.mmproj,
+                          args.quant_math)
         session.sampling = flag_sampling(args, session.sampling)
         messages = first_messages(args, session, messages)
         if args.interactive:

@@ -230,35 +230,37 @@ def native_name(name: str) -> str | None:
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
-def _mapped(path: Path) -> np.ndarray:
-    """The whole file, memory-mapped: nothing is read until used. One map per file, so that a page two
-    tensors share is resident once. Copy-on-write (mode "c"), as torch wants a writable buffer; nothing
+def _tensor_bytes(path: Path, info: TensorInfo) -> torch.Tensor:
+    """A tensor's raw bytes [out, row bytes], memory-mapped: nothing is read until used. One map per
+    tensor, unmapped when the last view of it goes: a matrix repacked at load (quants' fast path) leaves
+    no file pages resident behind it. Copy-on-write (mode "c"), as torch wants a writable buffer; nothing
     writes to it."""
-    return np.memmap(path, dtype=np.uint8, mode="c")
-
-
-def _tensor_bytes(data: np.ndarray, info: TensorInfo) -> torch.Tensor:
-    """A tensor's raw bytes [out, row bytes], a view of the mapped file."""
     rows = int(np.prod(info.shape[:-1]))
-    return torch.from_numpy(data[info.offset:info.offset + info.n_bytes].reshape(rows, -1))
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=info.offset, shape=(info.n_bytes,))
+    return torch.from_numpy(data.reshape(rows, -1))
 
 
-def _quantized_module(module: nn.Module, blocks: torch.Tensor, info: TensorInfo, source: str, dtype):
-    """The quants module in place of nn.Linear / nn.Embedding `module`, holding `blocks` where they are."""
+def _quantized_module(module: nn.Module, blocks: torch.Tensor, info: TensorInfo, source: str, dtype,
+                      quant_math: str = "fast"):
+    """The quants module in place of nn.Linear / nn.Embedding `module`, from `blocks` where they are."""
     quants.check_type(f"{source}: tensor {info.name!r}", info.type_name)
-    kind = quants.QuantEmbedding if isinstance(module, nn.Embedding) else quants.QuantLinear
+    if isinstance(module, nn.Embedding):
+        made = quants.QuantEmbedding(blocks, info.type_name, info.shape, dtype=dtype)
+    else:
+        made = quants.linear(blocks, info.type_name, info.shape, dtype, quant_math)
     # .to: an IQ type's codebooks are made on the CPU; the blocks, already there, are not copied
-    return kind(blocks, info.type_name, info.shape, dtype=dtype).to(blocks.device)
+    return made.to(blocks.device)
 
 
-def load_gguf_weights(model: nn.Module, files: list[Path], device, dtype, place, progress) -> None:
+def load_gguf_weights(model: nn.Module, files: list[Path], device, dtype, place, progress,
+                      quant_math: str = "fast") -> None:
     """Fill `model`, built on the meta device, with the tensors of GGUF `files` (text parts, then mmproj).
     dtype: of the activations and of the float parameters. place(name, float32 tensor) puts a float
-    tensor where the model holds it (load._place); progress.update() is called per tensor."""
+    tensor where the model holds it (load._place); progress.update() is called per tensor. quant_math:
+    how the quantized matrices multiply (quants.linear)."""
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     found = set()
     for path in files:
-        data = _mapped(path)
         for info in read_gguf(path).tensors.values():
             progress.update()
             name = native_name(info.name)
@@ -269,10 +271,10 @@ def load_gguf_weights(model: nn.Module, files: list[Path], device, dtype, place,
                                  f"describes has no such weight")
             if info.shape != expected[name]:
                 raise InputError(f"{path}: tensor {info.name!r} has shape {info.shape}, expected {expected[name]}")
-            _assign(model, name, _tensor_bytes(data, info), info, str(path), device, dtype, place)
+            _assign(model, name, _tensor_bytes(path, info), info, str(path), device, dtype, place, quant_math)
             found.add(name)
     if "output.weight" not in found and "tok_embeddings.weight" in found:
-        model.output = _tied_head(model.tok_embeddings)   # as llama.cpp: no output.weight, the head is tied
+        model.output = _tied_head(model.tok_embeddings, quant_math)   # as llama.cpp: no output.weight, the head is tied
         found.add("output.weight")
     missing = sorted(set(expected) - found)
     if missing:
@@ -280,7 +282,7 @@ def load_gguf_weights(model: nn.Module, files: list[Path], device, dtype, place,
 
 
 def _assign(model: nn.Module, name: str, blocks: torch.Tensor, info: TensorInfo, source: str, device, dtype,
-            place):
+            place, quant_math: str = "fast"):
     """Put one tensor in place: a quantized matrix replaces its nn.Linear / nn.Embedding by a quants module
     holding the blocks; anything else (floats; a quantized conv or biased linear, which are small) becomes
     an ordinary parameter."""
@@ -289,7 +291,7 @@ def _assign(model: nn.Module, name: str, blocks: torch.Tensor, info: TensorInfo,
     parent, _, child = module_name.rpartition(".")
     matrix = isinstance(module, (nn.Linear, nn.Embedding)) and getattr(module, "bias", None) is None
     if info.type_name not in FLOAT_TYPES and matrix:
-        quantized = _quantized_module(module, blocks.to(device), info, source, dtype)
+        quantized = _quantized_module(module, blocks.to(device), info, source, dtype, quant_math)
         setattr(model.get_submodule(parent), child, quantized)
         return
     quants.check_type(f"{source}: tensor {info.name!r}", info.type_name)
@@ -297,10 +299,10 @@ def _assign(model: nn.Module, name: str, blocks: torch.Tensor, info: TensorInfo,
     setattr(module, attr, nn.Parameter(place(name, w.view(info.shape)), requires_grad=False))
 
 
-def _tied_head(embedding: nn.Module) -> nn.Module:
-    """The output head sharing the embedding table's weights (no copy)."""
+def _tied_head(embedding: nn.Module, quant_math: str = "fast") -> nn.Module:
+    """The output head sharing the embedding table's weights (no copy; a copy repacked for the fast path)."""
     if isinstance(embedding, quants.QuantEmbedding):
-        head = quants.QuantLinear(embedding.blocks, embedding.qtype, embedding.shape, dtype=embedding.dtype)
+        head = quants.linear(embedding.blocks, embedding.qtype, embedding.shape, embedding.dtype, quant_math)
         return head.to(embedding.blocks.device)
     head = nn.Linear(embedding.weight.shape[1], embedding.weight.shape[0], bias=False)
     head.weight = embedding.weight

@@ -31,6 +31,7 @@ from gguf_file import load_gguf_weights, read_gguf_config
 from inputs import InputError, MissingFileError, read_json, regular_file
 from model import ModelArgs, Transformer
 from parallel import as_shard, parallelize, shard_region
+from quants import QUANT_MATH
 from vision import VisionArgs, VisionLanguageModel
 
 
@@ -277,18 +278,21 @@ def _column_major(name: str, shape: torch.Size, dtype, device: torch.device) -> 
 
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None, mesh: DeviceMesh | None = None,
-               mmproj=None, check_finite: bool = True) -> Transformer:
+               mmproj=None, check_finite: bool = True, quant_math: str = "fast") -> Transformer:
     """Load an official checkpoint folder (params.json + consolidated*.safetensors, or the Hugging
     Face layout config.json + model-*.safetensors). dtype None keeps the stored dtype (bf16).
     mesh: split the text blocks over its ranks (parallel.py; parallel.mesh_from_env makes it).
     Or a GGUF file (a split set by any of its parts; see gguf_file.py) with the vision tower of the
     mmproj file `mmproj`, or of the mmproj*.gguf beside it when None (False: text only).
-    check_finite: refuse a weight holding NaN or an infinity (one read of every weight; see README)."""
+    check_finite: refuse a weight holding NaN or an infinity (one read of every weight; see README).
+    quant_math: how a GGUF's quantized matrices multiply, "fast" or "exact" (quants.linear)."""
     folder = Path(path)
     if folder.suffix != ".gguf" and not folder.is_dir():
         if os.path.lexists(folder):
             raise InputError(f"{folder}: not a model folder (a file, or a link to none)")
         raise MissingFileError(f"{folder}: no such model folder")
+    if quant_math not in QUANT_MATH:
+        raise InputError(f"quant_math {quant_math!r}: expected one of {QUANT_MATH}")
     checkpoint = read_checkpoint(folder, mmproj)
     # Build on the meta device (no memory) and then assign the tensors read from disk, so that
     # the weights are held once.
@@ -301,7 +305,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, mesh: Devic
         dtype = dtype or torch.float32
         with loading_bar(len(model.state_dict()), folder.name) as progress:
             load_gguf_weights(model, checkpoint.files, device, dtype,
-                              lambda name, t: _place(t, name, checkpoint, dtype, device), progress)
+                              lambda name, t: _place(t, name, checkpoint, dtype, device), progress, quant_math)
         return model.eval()
     if mesh is not None:
         parallelize(model, mesh)   # still on meta: the split weights become DTensors of their slices

@@ -180,7 +180,7 @@ def print_report(results: dict, name: str, reference: str, file=sys.stdout):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["reference", "score"])
-    add_model_flags(p, model=None, dtype="float32", compile=False)
+    add_model_flags(p, model=None, dtype="float32", compile=False, quant_math=False)
     p.add_argument("--text", help="reference: the text file to score")
     p.add_argument("--messages", help="reference: a conversation (OpenAI format, images allowed) ending with the "
                                       "assistant answer to score")
@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.context < 2 or args.top_k < 1 or args.chunks is not None and args.chunks < 1:
         p.error("--context must be at least 2, --top-k and --chunks at least 1")
     try:
-        session = Session(args.model, args.device, args.dtype, tokenizer=args.tokenizer, mmproj=args.mmproj)
+        session = Session(args.model, args.device, args.dtype, tokenizer=args.tokenizer, mmproj=args.mmproj,
+                          quant_math="exact")
         model = session.load()
         if args.mode == "reference":
             tokenizer = session.tokenizer

@@ -310,16 +310,33 @@ def dequantize(blocks: torch.Tensor, qtype: QType, shape: tuple[int, int],
     return _DEQUANTIZE[type_name](blocks.reshape(-1, size), **tables).view(rows, cols)
 
 
-class _Quantized(nn.Module):
-    """GGUF blocks [R, row bytes] as a buffer, plus the codebooks of their type (from gguf, not saved).
-    dtype: of the dequantized weights, the model's activations (the uint8 buffer cannot carry one)."""
+class _Matrix(nn.Module):
+    """A quantized matrix [R, C] (shape) of a GGUF type, as a module of the model; dtype: of the activations,
+    which no integer buffer can carry."""
 
-    def __init__(self, blocks: torch.Tensor, qtype: QType, shape: tuple[int, int],
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, qtype: QType, shape: tuple[int, int], dtype: torch.dtype):
         super().__init__()
         self.qtype = check_type(type(self).__name__, qtype)
         self.shape = tuple(shape)
         self.dtype = dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in with the dequantized weight's shape [R, C], device and dtype, for code that asks a
+        layer's weight where the model lives or how many rows it has (setup_cache, generate): one zero
+        seen through zero strides, not the weights (forward dequantizes those)."""
+        return torch.zeros((), device=next(self.buffers()).device, dtype=self.dtype).expand(self.shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.qtype}, shape={self.shape}, dtype={self.dtype}"
+
+
+class _Quantized(_Matrix):
+    """GGUF blocks [R, row bytes] as a buffer, plus the codebooks of their type (from gguf, not saved)."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: QType, shape: tuple[int, int],
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(qtype, shape, dtype)
         self.register_buffer("blocks", blocks)
         tables = lookup_tables(self.qtype)
         for key, table in tables.items():
@@ -330,16 +347,6 @@ class _Quantized(nn.Module):
         """Some rows of self.blocks [n, row bytes] -> float32 [n, C]."""
         tables = {key: getattr(self, key) for key in self.table_names}
         return dequantize(blocks, self.qtype, (blocks.shape[0], self.shape[1]), tables)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """A stand-in with the dequantized weight's shape [R, C], device and dtype, for code that asks a
-        layer's weight where the model lives or how many rows it has (setup_cache, generate): one zero
-        seen through zero strides, not the weights (forward dequantizes those)."""
-        return torch.zeros((), device=self.blocks.device, dtype=self.dtype).expand(self.shape)
-
-    def extra_repr(self) -> str:
-        return f"{self.qtype}, shape={self.shape}, dtype={self.dtype}"
 
 
 class QuantLinear(_Quantized):
@@ -358,3 +365,235 @@ class QuantEmbedding(_Quantized):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
         rows = self.unpack(self.blocks[ids.flatten()])  # [n, D]
         return rows.view(*ids.shape, self.shape[1]).to(self.dtype)
+
+
+# ----------------------------------------------------------------------------- the fast path
+# quant_math "exact" (above): a forward dequantizes the whole matrix to float32 and multiplies, bit-exact
+# with gguf, reading and writing 8 to 16 bytes per weight (float32 weights and their temporaries). "fast":
+# the matrix is repacked once, at load, into a layout a kernel reads as is, so a token reads only its bytes.
+
+QUANT_MATH = ("fast", "exact")
+INT4_GROUP = 32   # the weights of one scale: a Q4_0 / Q4_1 block, a Q4_K sub-block
+
+
+def _int4_q4_0(b: torch.Tensor) -> tuple[torch.Tensor, ...]:  # w = d * (q - 8)
+    d = _f16(b, 0)
+    return b[:, 2:].unsqueeze(1), d, torch.zeros_like(d)
+
+
+def _int4_q4_1(b: torch.Tensor) -> tuple[torch.Tensor, ...]:  # w = d * q + m = d * (q - 8) + (m + 8 d)
+    d = _f16(b, 0)
+    return b[:, 4:].unsqueeze(1), d, _f16(b, 2) + 8 * d
+
+
+def _int4_q4_k(b: torch.Tensor) -> tuple[torch.Tensor, ...]:  # w = d sc q - dmin m = d sc (q - 8) + (8 d sc - dmin m)
+    scale, min_ = _scale_min_k4(b[:, 4:16])
+    d = _f16(b, 0) * scale                                                 # [N, 8]
+    return b[:, 16:].view(-1, 4, 32), d, 8 * d - _f16(b, 2) * min_
+
+
+# blocks [N, Z] -> (the code bytes [N, units, L], scale and zero [N, block / 32] float32): each unit of L bytes
+# holds 2L weights, the first L in the low nibbles and the next L in the high ones (a Q4_0 block is one unit,
+# a Q4_K block four), and each group of 32 weights is w = (q - 8) * scale + zero: the form of PyTorch's
+# grouped int4 kernels.
+_INT4 = {"Q4_0": _int4_q4_0, "Q4_1": _int4_q4_1, "Q4_K": _int4_q4_k}
+
+
+class Int4Linear(_Matrix):
+    """nn.Linear without bias over Q4_0 / Q4_1 / Q4_K weights, repacked once into PyTorch's grouped int4
+    layout: torch.ops.aten._weight_int4pack_mm_for_cpu on the CPU, _weight_int4pack_mm (tinygemm) on CUDA.
+    The 4-bit codes are the file's; each group of 32 keeps its scale and zero as bfloat16 (the kernels'
+    type), so a weight is (q - 8) * bf16(scale) + bf16(zero), where gguf computes it in float32. The
+    activations enter in bfloat16 and the products accumulate in float32; the kernels round their output
+    to bfloat16 (see test_quants.py for the bound). Memory: 4 bits per weight + 32 bits per 32 weights,
+    5 bits against Q4_K's 4.5 (Q4_0's 4.5, Q4_1's 5).
+        packed [R', C / 2] uint8 on the CPU (R' = R rounded up to 64: the kernel's row tiles), the
+        tinygemm int32 tiles on CUDA; scales_zeros [C / 32, R', 2] bfloat16 bits, kept as int16 so that
+        model.to(dtype) leaves them alone."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: QType, shape: tuple[int, int], dtype: torch.dtype = torch.float32):
+        super().__init__(qtype, shape, dtype)
+        packed, scales_zeros = _int4_pack(blocks, self.qtype, self.shape)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros.view(torch.int16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        rows, cols = self.shape
+        flat = x.reshape(-1, cols).to(torch.bfloat16)
+        scales_zeros = self.scales_zeros.view(torch.bfloat16)
+        if self.packed.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, INT4_GROUP, scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, scales_zeros)
+        return y[:, :rows].reshape(*x.shape[:-1], rows).to(x.dtype)
+
+
+def _int4_pack(blocks: torch.Tensor, qtype: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF rows [R, row bytes] -> the kernel's packed codes and bfloat16 scales_zeros [C / 32, R', 2], on
+    blocks' device, a few thousand rows at a time (bounded temporaries; each part of the file read once)."""
+    rows, cols = shape
+    block, size = BLOCK[qtype]
+    padded = -(-rows // 64) * 64                  # padding rows: code bytes 0x88 (code 8), scale 0, zero 0
+    step = max(64, (1 << 22) // cols // 64 * 64)  # rows per part, a whole number of 64-row tiles: 4 M codes
+    device = blocks.device
+    scales_zeros = torch.zeros(cols // INT4_GROUP, padded, 2, dtype=torch.bfloat16, device=device)
+    packed = torch.empty(padded, cols // 2, dtype=torch.uint8, device=device)
+    threads = torch.get_num_threads()
+    # One thread: each op here reads a few MB, which split across threads costs more in their meeting than
+    # it saves (on a busy 2-core machine, 20 times the CPU time of one thread).
+    torch.set_num_threads(1)
+    try:
+        for start in range(0, padded, step):
+            part = blocks[start:start + step]
+            n = len(part)
+            codes, scale, zero = _INT4[qtype](part.reshape(-1, size))
+            codes = codes.view(n, cols // block, *codes.shape[1:])             # [n, blocks, units, L]: a view
+            if n % 64:
+                codes = torch.cat([codes, codes.new_full((-n % 64, *codes.shape[1:]), 0x88)])
+            scales_zeros[:, start:start + n] = torch.stack([scale, zero], -1).view(n, -1, 2).transpose(0, 1)
+            _int4_layout(codes, packed[start:start + len(codes)])
+    finally:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        packed = torch.ops.aten._convert_weight_to_int4pack(packed, next(t for t in (8, 4, 2) if cols % (16 * t) == 0))
+    return packed, scales_zeros
+
+
+def _int4_layout(codes: torch.Tensor, out: torch.Tensor):
+    """Code bytes [n, blocks, units, L] (as _INT4 gives them; n a multiple of 64) -> out [n, C / 2], the
+    packed codes that the kernel reads. On CUDA, tinygemm's input to _convert_weight_to_int4pack: two
+    codes a byte, the even column's in the high nibble. On the CPU with AVX-512, the layout of
+    _weight_int4pack_mm_for_cpu: the kernel reads 64 rows at a time, column by column: for each column 32
+    bytes, byte j holding row j (low nibble) and row j + 32 (high). Built here from the file's bytes with
+    whole-tensor ops; PyTorch's own packing (used without AVX-512) loops over int32 codes, ten times
+    slower for a 24 B model's 22 G weights."""
+    n, cpu = codes.shape[0], codes.device.type == "cpu"
+    if not cpu or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        codes = torch.stack([codes & 15, codes >> 4], dim=-2).view(n, -1)  # [n, C]: each unit's L low, L high
+        out.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1) if cpu
+                  else codes[:, ::2] << 4 | codes[:, 1::2])
+        return
+    # rows j and j + 32 of each tile, seen with j last, so that the stack writes the layout in one pass
+    top, bottom = codes.view(n // 64, 2, 32, *codes.shape[1:]).movedim(2, -1).unbind(1)   # [tiles, ..., L, 32]
+    low = (top & 15) | (bottom << 4)                                       # the codes of each unit's first L
+    high = (top >> 4) | (bottom & 0xF0)                                    # and of its next L
+    torch.stack([low, high], dim=-3, out=out.view(*low.shape[:-2], 2, *low.shape[-2:]))
+
+
+def _fused_q8_0(d: torch.Tensor, q: torch.Tensor):  # d [b, 1, R] fp16, q [b, 32, R] int8
+    return q.float(), d.float(), None
+
+
+def _fused_q5_k(d: torch.Tensor, sc: torch.Tensor, qh: torch.Tensor, qs: torch.Tensor):
+    # d [b, 2, R] fp16 (d, dmin); sc [b, 2, 8, R] (the 6-bit scales and mins, unpacked); qh [b, 32, R]; qs [b, 128, R]
+    b, r = qs.shape[0], qs.shape[-1]
+    low = qs.view(b, 4, 1, 32, r) >> _NIBBLE_SHIFTS.to(qs.device) & 15    # [b, 4, 2, 32, R]: sub-block 2c + nibble
+    high = qh.view(b, 1, 1, 32, r) >> _SUB_BLOCK_BITS.to(qs.device) & 1   # bit j of byte l: weight l of sub-block j
+    scales = (d[:, 0:1].float() * sc[:, 0].float()).view(b, 4, 2, 1, r)
+    offsets = -(d[:, 1:2].float() * sc[:, 1].float()).view(b, 4, 2, 1, r)
+    return (low | high << 4).float(), scales, offsets
+
+
+def _fused_q6_k(d: torch.Tensor, sc: torch.Tensor, ql: torch.Tensor, qh: torch.Tensor):
+    # d [b, 1, R] fp16; sc [b, 16, R] int8; ql [b, 128, R]; qh [b, 64, R]. Weight 128 h + 64 i + 32 c + l of a
+    # block: nibble i of ql byte 64 h + 32 c + l, bits 2 (2 i + c) of qh byte 32 h + l; sub-block (w // 16).
+    b, r = ql.shape[0], ql.shape[-1]
+    low = ql.view(b, 2, 1, 2, 32, r) >> _NIBBLE_SHIFTS.to(ql.device).view(2, 1, 1, 1) & 15   # [b, h, i, c, l, R]
+    high = qh.view(b, 2, 1, 1, 32, r) >> _Q6_K_HIGH_SHIFTS.to(ql.device) & 3
+    codes = ((low | high << 4).float() - 32).view(b, 2, 2, 2, 2, 16, r)
+    scales = (d.float() * sc.float()).view(b, 2, 2, 2, 2, 1, r)
+    return codes, scales, None
+
+
+_NIBBLE_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8).view(2, 1, 1)
+_SUB_BLOCK_BITS = torch.arange(8, dtype=torch.uint8).view(4, 2, 1, 1)
+_Q6_K_HIGH_SHIFTS = torch.tensor([[0, 2], [4, 6]], dtype=torch.uint8).view(2, 2, 1, 1)
+
+
+def _fields_q8_0(b: torch.Tensor) -> list[torch.Tensor]:  # blocks [R, b, 34] -> d [R, b, 1] fp16, q [R, b, 32] int8
+    return [b[..., :2].contiguous().view(torch.float16), b[..., 2:].view(torch.int8)]
+
+
+def _fields_q5_k(b: torch.Tensor) -> list[torch.Tensor]:
+    r, n = b.shape[:2]
+    scale, min_ = _scale_min_k4(b[..., 4:16].reshape(-1, 12))
+    sc = torch.stack([scale, min_], 1).to(torch.uint8).view(r, n, 2, 8)
+    return [b[..., :4].contiguous().view(torch.float16), sc, b[..., 16:48], b[..., 48:]]
+
+
+def _fields_q6_k(b: torch.Tensor) -> list[torch.Tensor]:
+    return [b[..., 208:].contiguous().view(torch.float16), b[..., 192:208].view(torch.int8), b[..., :128],
+            b[..., 128:192]]
+
+
+# type -> (the fields of blocks [R, b, Z], each [R, b, ...]; the codes, scales and offsets from them, K-major)
+_FUSED = {"Q8_0": (_fields_q8_0, _fused_q8_0), "Q5_K": (_fields_q5_k, _fused_q5_k),
+          "Q6_K": (_fields_q6_k, _fused_q6_k)}
+
+
+def fused_matvec(type_name: str, x: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:
+    """One token's product y [R] = W x [C] from K-major fields, each sub-block's codes summed against x
+    before its scale multiplies. Run compiled (_compiled_matvec): one loop over the bytes, 16 output rows
+    at a time, no weight materialized; eager, it makes temporaries of the whole matrix."""
+    codes, scales, offsets = _FUSED[type_name][1](*fields)
+    x = x.view(*codes.shape[:-1], 1)
+    y = (codes * x).sum(-2, keepdim=True) * scales
+    if offsets is not None:
+        y = y + offsets * x.sum(-2, keepdim=True)
+    return y.view(-1, y.shape[-1]).sum(0)
+
+
+def fused_weights(type_name: str, *fields: torch.Tensor) -> torch.Tensor:
+    """The weights W.T [C, R] of K-major fields (of some rows), as gguf computes them."""
+    codes, scales, offsets = _FUSED[type_name][1](*fields)
+    w = codes * scales if offsets is None else codes * scales + offsets
+    return w.view(-1, w.shape[-1])
+
+
+# Compiled once per type (the type name is a constant of the graph) for every shape (dynamic): each kernel
+# parallel whatever the sizes of the first call (dynamic_threads), which would otherwise decide it.
+_compiled_matvec = torch.compile(fused_matvec, dynamic=True, options={"cpp.dynamic_threads": True})
+_compiled_weights = torch.compile(fused_weights, dynamic=True, options={"cpp.dynamic_threads": True})
+
+
+class FusedLinear(_Matrix):
+    """nn.Linear without bias over Q8_0 / Q5_K / Q6_K weights, their block fields stored transposed at load:
+    each field [blocks along a row, field size, R], the R output rows innermost. The file's bytes,
+    rearranged (Q5_K's 6-bit scales unpacked to bytes: +2 %). One token (decoding) runs one compiled loop
+    that dequantizes 16 rows at a time from the bytes and sums as it goes; several (prefill) dequantize the
+    weights of a few hundred rows at a time, as gguf computes them, for a matrix product in float32."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: QType, shape: tuple[int, int], dtype: torch.dtype = torch.float32):
+        super().__init__(qtype, shape, dtype)
+        rows, cols = self.shape
+        block, size = BLOCK[self.qtype]
+        fields = _FUSED[self.qtype][0](blocks.view(rows, cols // block, size))
+        self.field_names = tuple(f"field{i}" for i in range(len(fields)))
+        for name, field in zip(self.field_names, fields):
+            self.register_buffer(name, field.movedim(0, -1).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        rows, cols = self.shape
+        fields = [getattr(self, name) for name in self.field_names]
+        flat = x.reshape(-1, cols).float()
+        if len(flat) == 1:
+            y = _compiled_matvec(self.qtype, flat[0], *fields)[None]
+        else:
+            step = max(16, (1 << 20) // cols // 16 * 16)   # rows per part: 1 M weights, 4 MB of float32
+            y = torch.cat([flat @ _compiled_weights(self.qtype, *(f[..., start:start + step] for f in fields))
+                           for start in range(0, rows, step)], dim=-1)
+        return y.reshape(*x.shape[:-1], rows).to(x.dtype)
+
+
+def linear(blocks: torch.Tensor, qtype: QType, shape: tuple[int, int], dtype: torch.dtype = torch.float32,
+           math: str = "fast") -> nn.Module:
+    """The nn.Linear (no bias) of a quantized matrix, GGUF rows [R, row bytes] of shape (R, C). math
+    "exact": QuantLinear, dequantized in each forward, bit-exact with gguf. "fast": Q4_0 / Q4_1 / Q4_K
+    repacked for PyTorch's int4 kernels (Int4Linear), Q8_0 / Q5_K / Q6_K transposed for compiled loops
+    (FusedLinear); the other types as "exact"."""
+    type_name = check_type("quants.linear", qtype)
+    if math == "fast" and type_name in _INT4:
+        return Int4Linear(blocks, type_name, shape, dtype)
+    if math == "fast" and type_name in _FUSED:
+        return FusedLinear(blocks, type_name, shape, dtype)
+    return QuantLinear(blocks, type_name, shape, dtype)

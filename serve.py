@@ -543,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     if folder is not None and not folder.is_dir():
         parser.error(f"--allow-local-images {args.allow_local_images}: no such folder")
     try:
-        session = Session(args.model, args.device, args.dtype, args.compile, args.tokenizer, args.mmproj)
+        session = Session(args.model, args.device, args.dtype, args.compile, args.tokenizer, args.mmproj,
+                          args.quant_math)
         session.sampling = flag_sampling(args, session.sampling)
         session.load()
     except InputError as e:

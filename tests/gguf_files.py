@@ -2,15 +2,15 @@
 
 Names and keys follow ../shared/GGUF.md (llama.cpp's conversion): text tensors token_embd, blk.N.attn_q ...,
 wq / wk rows in the native interleaved order (no permutation); the mmproj's v.*, mm.* under arch "clip".
-The float and legacy types are written by gguf's own quantizer; gguf cannot write K types, so Q4_K and
-Q2_K blocks are packed here by a plain min / max quantizer: real approximations of the float weights (a
+The float and legacy types are written by gguf's own quantizer; gguf cannot write K types, so Q2_K, Q4_K,
+Q5_K and Q6_K blocks are packed here by a plain min / max quantizer: real approximations of the float weights (a
 random block would be noise), bit-packed as ggml lays them out and read back through gguf's dequantize.
 """
 import base64
 
 import numpy as np
 import torch
-from gguf import GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as GGML
 from gguf.quants import dequantize, quantize
 
@@ -72,12 +72,8 @@ def pack_q4_k(w: np.ndarray) -> np.ndarray:
     bytes holding sub-blocks 2k (low nibbles) and 2k + 1 (high) in each 32."""
     rows = w.shape[0]
     d, dmin, sc, m, q = _affine(w.reshape(-1, 8, 32), 15, 6)
-    s = np.zeros((len(d), 12), np.uint8)
-    s[:, 0:4] = sc[:, :4] | (sc[:, 4:] >> 4) << 6
-    s[:, 4:8] = m[:, :4] | (m[:, 4:] >> 4) << 6
-    s[:, 8:12] = (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4
     qs = (q[:, 0::2] | q[:, 1::2] << 4).reshape(len(d), 128)
-    return np.concatenate([_fp16(d), _fp16(dmin), s, qs], axis=1).reshape(rows, -1)
+    return np.concatenate([_fp16(d), _fp16(dmin), _scales_k4(sc, m), qs], axis=1).reshape(rows, -1)
 
 
 def pack_q2_k(w: np.ndarray) -> np.ndarray:
@@ -90,7 +86,44 @@ def pack_q2_k(w: np.ndarray) -> np.ndarray:
     return np.concatenate([sc | m << 4, qs, _fp16(d), _fp16(dmin)], axis=1).reshape(rows, -1)
 
 
-PACKERS = {"Q4_K": pack_q4_k, "Q2_K": pack_q2_k}
+def _scales_k4(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """8 scales and 8 mins of 6 bits [N, 8] -> the 12 bytes of Q4_K / Q5_K."""
+    s = np.zeros((len(sc), 12), np.uint8)
+    s[:, 0:4] = sc[:, :4] | (sc[:, 4:] >> 4) << 6
+    s[:, 4:8] = m[:, :4] | (m[:, 4:] >> 4) << 6
+    s[:, 8:12] = (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4
+    return s
+
+
+def pack_q5_k(w: np.ndarray) -> np.ndarray:
+    """float32 [R, C] -> Q5_K rows [R, C / 256 * 176]: d, dmin, the 12 bytes of Q4_K's scales, qh[32] (bit j
+    of byte l: the fifth bit of weight l of sub-block j), then Q4_K's 128 bytes of low nibbles."""
+    rows = w.shape[0]
+    d, dmin, sc, m, q = _affine(w.reshape(-1, 8, 32), 31, 6)
+    qh = ((q >> 4) << np.arange(8, dtype=np.uint8)[:, None]).sum(1, dtype=np.uint8)   # [N, 32]
+    low = q & 15
+    qs = (low[:, 0::2] | low[:, 1::2] << 4).reshape(len(d), 128)
+    return np.concatenate([_fp16(d), _fp16(dmin), _scales_k4(sc, m), qh, qs], axis=1).reshape(rows, -1)
+
+
+def pack_q6_k(w: np.ndarray) -> np.ndarray:
+    """float32 [R, C] -> Q6_K rows [R, C / 256 * 210]: ql[128], qh[64], int8 scales[16], d. A weight
+    128 h + 32 j + l of a block (j < 4, l < 32) is code - 32 with its low 4 bits in nibble j // 2 of ql byte
+    64 h + 32 (j % 2) + l and its top 2 bits at bit 2 j of qh byte 32 h + l; scale (weight // 16)."""
+    rows = w.shape[0]
+    x = w.reshape(-1, 16, 16)
+    step = np.abs(x).max(-1) / 31                                          # [N, 16]
+    d = (np.maximum(step.max(-1), 1e-12) / 127).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(step / d[:, None]), 1, 127)
+    q = (np.clip(np.round(x / (d[:, None] * sc)[..., None]), -32, 31) + 32).astype(np.uint8)
+    q = q.reshape(len(d), 2, 2, 2, 32)                                     # [N, h, j // 2, j % 2, l]
+    ql = ((q[:, :, 0] & 15) | (q[:, :, 1] & 15) << 4).reshape(len(d), 128)
+    qh = (q >> 4).reshape(len(d), 2, 4, 32)
+    qh = (qh[:, :, 0] | qh[:, :, 1] << 2 | qh[:, :, 2] << 4 | qh[:, :, 3] << 6).reshape(len(d), 64)
+    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _fp16(d)], axis=1).reshape(rows, -1)
+
+
+PACKERS = {"Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k, "Q2_K": pack_q2_k}
 
 
 def encode(w: np.ndarray, type_name: str) -> np.ndarray:
@@ -239,20 +272,56 @@ def random_q4_k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     return b.reshape(rows, -1)
 
 
-def write_random_q4_k(path, params: dict):
-    """A text GGUF of `params` whose every matrix is random Q4_K blocks (norms F32 ones)."""
+def random_q6_k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random Q6_K rows [rows, cols / 256 * 210] with a small sane d (|w| < 0.1; the int8 sub-block
+    scales and 6-bit codes random)."""
+    b = rng.integers(0, 256, (rows * cols // 256, 210), dtype=np.uint8)
+    b[:, 208:210] = _fp16(rng.uniform(0, 2.4e-5, len(b)))
+    return b.reshape(rows, -1)
+
+
+RANDOM_BLOCKS = {"Q4_K": random_q4_k, "Q6_K": random_q6_k}
+
+
+def q4_k_m(name: str) -> str:
+    """llama.cpp's Q4_K_M recipe as the real-shape benchmark file takes it: Q6_K for the embedding table
+    and the output head, Q4_K for every other matrix. (llama.cpp also gives Q6_K to some layers'
+    attn_v and ffn_down; here all of those stay Q4_K.)"""
+    return "Q6_K" if name in ("tok_embeddings.weight", "output.weight") else "Q4_K"
+
+
+def write_random_gguf(path, params: dict, types=lambda name: "Q4_K"):
+    """A text GGUF of `params` whose every matrix is random blocks of types(native name) (Q4_K or Q6_K),
+    the norms F32 ones, and no tokenizer (llama.cpp then takes vocab_size dummy tokens). Streamed to disk
+    one tensor at a time: a 14 GB file of the real shapes never needs more than one tensor in memory."""
     w = GGUFWriter(str(path), "llama")
     for key, value in [("embedding_length", params["dim"]), ("block_count", params["n_layers"]),
                        ("feed_forward_length", params["hidden_dim"]), ("attention.head_count", params["n_heads"]),
                        ("attention.head_count_kv", params["n_kv_heads"]), ("attention.key_length", params["head_dim"]),
-                       ("vocab_size", params["vocab_size"])]:
+                       ("attention.value_length", params["head_dim"]), ("vocab_size", params["vocab_size"])]:
         w.add_uint32(f"llama.{key}", value)
+    w.add_uint32("llama.context_length", params.get("max_position_embeddings", 4096))
     w.add_float32("llama.attention.layer_norm_rms_epsilon", params["norm_eps"])
     w.add_float32("llama.rope.freq_base", params["rope_theta"])
-    rng = np.random.default_rng(0)
-    for name, shape in real_text_shapes(params).items():
+    w.add_tokenizer_model("none")
+    shapes = real_text_shapes(params)
+    for name, shape in shapes.items():
         if len(shape) == 1:
-            w.add_tensor(gguf_name(name), np.ones(shape, np.float32))
+            w.add_tensor_info(gguf_name(name), shape, np.dtype(np.float32), 4 * shape[0])
         else:
-            w.add_tensor(gguf_name(name), random_q4_k(*shape, rng), raw_dtype=GGML.Q4_K)
-    finish(w)
+            kind = GGML[types(name)]
+            block, size = GGML_QUANT_SIZES[kind]
+            row_bytes = shape[1] // block * size   # gguf takes a quantized tensor's shape in bytes
+            w.add_tensor_info(gguf_name(name), (shape[0], row_bytes), np.dtype(np.uint8), shape[0] * row_bytes, kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    for name, shape in shapes.items():
+        w.write_tensor_data(np.ones(shape, np.float32) if len(shape) == 1 else RANDOM_BLOCKS[types(name)](*shape, rng))
+    w.close()
+
+
+def write_random_q4_k(path, params: dict):
+    """A text GGUF of `params` whose every matrix is random Q4_K blocks (norms F32 ones)."""
+    write_random_gguf(path, params)

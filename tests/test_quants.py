@@ -133,3 +133,87 @@ def test_wrong_shape_is_refused():
     raw = torch.from_numpy(random_blocks("Q4_K"))
     with pytest.raises(ValueError, match="do not hold a 16 x 512 matrix"):
         quants.dequantize(raw, "Q4_K", (ROWS, 512))
+
+
+# ----------------------------------------------------------------------------- the fast path
+
+INT4_TYPES, FUSED_TYPES = ("Q4_0", "Q4_1", "Q4_K"), ("Q8_0", "Q5_K", "Q6_K")
+BF16_ROUNDING = 2.0 ** -8   # bfloat16 keeps 8 significant bits: rounding to nearest moves a value by this, relatively
+
+
+def int4_bound(layer_input: torch.Tensor, raw: np.ndarray, name: str) -> torch.Tensor:
+    """The most Int4Linear's output can differ from x @ W.T (W gguf's float32 weights), per output: each
+    group's scale and zero rounded to bfloat16 (the weight (q - 8) * scale + zero moves by at most
+    u (8 |scale| + |zero|)), x rounded to bfloat16, float32 sums, the output rounded to bfloat16."""
+    u, cols = BF16_ROUNDING, raw.shape[1] // GGML_QUANT_SIZES[GGML[name]][1] * GGML_QUANT_SIZES[GGML[name]][0]
+    _, scale, zero = quants._INT4[name](torch.from_numpy(raw).reshape(-1, GGML_QUANT_SIZES[GGML[name]][1]))
+    per_weight = lambda t: t.reshape(raw.shape[0], -1).repeat_interleave(32, dim=1).double()  # noqa: E731
+    w = oracle(raw, name).double()
+    moved = u * (8 * per_weight(scale).abs() + per_weight(zero).abs()) + 2.0 ** -22 * w.abs()
+    x = layer_input.double().abs()
+    y = (layer_input.double() @ w.T).abs()
+    return 1.01 * (x @ moved.T + (u + cols * 2.0 ** -24) * (x @ (w.abs() + moved).T) + u * y)
+
+
+@pytest.mark.parametrize("name", INT4_TYPES)
+def test_int4_linear_is_within_its_bound_of_gguf(name):
+    raw = random_blocks(name, 96, COLS)   # 96 rows: a padded second tile of 64
+    layer = quants.Int4Linear(torch.from_numpy(raw), name, (96, COLS))
+    x = torch.randn(5, COLS, generator=torch.Generator().manual_seed(0))
+    error = (layer(x).double() - x.double() @ oracle(raw, name).double().T).abs()
+    bound = int4_bound(x, raw, name)
+    print(f"{name}: error / bound at most {(error / bound).max():.2f}, mean {(error / bound).mean():.2f}")
+    assert layer(x).dtype == torch.float32 and (error <= bound).all()
+
+
+def test_int4_mistakes_exceed_the_bound(monkeypatch):
+    raw = random_blocks("Q4_K", 64, COLS)
+    x = torch.randn(5, COLS, generator=torch.Generator().manual_seed(0))
+    exact, bound = x.double() @ oracle(raw, "Q4_K").double().T, int4_bound(x, raw, "Q4_K")
+    swapped = quants._int4_layout   # rows j and j + 32 of a tile exchanged
+    monkeypatch.setattr(quants, "_int4_layout", lambda codes, out: swapped(
+        codes.view(-1, 2, 32, *codes.shape[1:]).flip(1).reshape(codes.shape), out))
+    assert ((quants.Int4Linear(torch.from_numpy(raw), "Q4_K", (64, COLS))(x) - exact).abs() > bound).any()
+    monkeypatch.undo()
+    without_min = lambda b: (*quants._int4_q4_k(b)[:2], 8 * quants._int4_q4_k(b)[1])  # noqa: E731
+    monkeypatch.setitem(quants._INT4, "Q4_K", without_min)
+    assert ((quants.Int4Linear(torch.from_numpy(raw), "Q4_K", (64, COLS))(x) - exact).abs() > bound).any()
+
+
+def test_int4_layout_is_pytorchs():
+    """The CPU layout built from the bytes is the one PyTorch's own packing makes from int32 codes."""
+    units = torch.randint(0, 256, (128, 16, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    codes = torch.stack([units & 15, units >> 4], dim=-2).view(128, -1).int()
+    packed = torch.empty(128, 512, dtype=torch.uint8)
+    quants._int4_layout(units.view(128, 2, 8, 32), packed)   # 2 blocks of 8 units a row
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+
+
+@pytest.mark.parametrize("name", FUSED_TYPES)
+def test_fused_linear_weights_are_ggufs_and_its_products_close(name):
+    raw = random_blocks(name, 40, COLS)
+    layer = quants.FusedLinear(torch.from_numpy(raw), name, (40, COLS))
+    w = oracle(raw, name)
+    fields = [getattr(layer, field) for field in layer.field_names]
+    assert torch.equal(quants.fused_weights(name, *fields), w.T)   # the prefill path's weights, bit-exact
+    for n in (1, 3):   # one token (the compiled loop), several (weights then a matrix product)
+        x = torch.randn(n, COLS, generator=torch.Generator().manual_seed(n))
+        reference = x.double() @ w.double().T
+        slack = COLS * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)   # float32 sums in another order
+        assert ((layer(x).double() - reference).abs() <= slack).all()
+
+
+def test_fused_q6_k_with_its_high_bits_swapped_is_caught(monkeypatch):
+    raw = random_blocks("Q6_K", 40, COLS)
+    monkeypatch.setattr(quants, "_Q6_K_HIGH_SHIFTS", quants._Q6_K_HIGH_SHIFTS.flip(0))
+    layer = quants.FusedLinear(torch.from_numpy(raw), "Q6_K", (40, COLS))
+    fields = [getattr(layer, field) for field in layer.field_names]
+    assert not torch.equal(quants.fused_weights("Q6_K", *fields), oracle(raw, "Q6_K").T)
+
+
+@pytest.mark.parametrize("name, kind", [("Q4_K", "Int4Linear"), ("Q4_0", "Int4Linear"), ("Q6_K", "FusedLinear"),
+                                        ("Q8_0", "FusedLinear"), ("IQ4_XS", "QuantLinear"), ("Q2_K", "QuantLinear")])
+def test_linear_picks_the_module_by_type(name, kind):
+    raw = torch.from_numpy(random_blocks(name, 64, COLS))
+    assert type(quants.linear(raw, name, (64, COLS), math="fast")).__name__ == kind
+    assert type(quants.linear(raw, name, (64, COLS), math="exact")).__name__ == "QuantLinear"
