@@ -382,9 +382,10 @@ def add_model_flags(p: argparse.ArgumentParser, model: str | None = DEFAULT_MODE
     p.add_argument("--tokenizer", help="a tokenizer file (tekken.json) instead of the model's own")
     if quant_math:
         p.add_argument("--quant-math", default="fast", choices=QUANT_MATH,
-                       help="a GGUF's quantized matrices: fast (Q4 types through PyTorch's int4 kernels, read as "
-                            "stored) or exact (dequantized to float32 in each step, bit-exact with gguf) "
-                            "(default: %(default)s)")
+                       help="how a GGUF's quantized matrices multiply: fast (repacked once at load and read as "
+                            "stored: Q4_0/Q4_1/Q4_K by PyTorch's int4 kernels in bfloat16, Q8_0/Q5_K/Q6_K by a "
+                            "compiled loop, other types exact) or exact (dequantized to float32 in each step, "
+                            "bit-exact with gguf) (default: %(default)s)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -480,6 +480,11 @@ def _int4_layout(codes: torch.Tensor, out: torch.Tensor):
     torch.stack([low, high], dim=-3, out=out.view(*low.shape[:-2], 2, *low.shape[-2:]))
 
 
+# Q8_0 / Q5_K / Q6_K: the block fields stored apart, the output rows innermost (FusedLinear). Each function
+# takes the fields [b, ..., R] (b blocks along a row) and gives codes [b, *sub-blocks, n, R] float32 (the n
+# weights of a sub-block in the input's order), scales [b, *sub, 1, R] and offsets (the same, or None):
+# w = codes * scales + offsets, the order of gguf's float32 arithmetic.
+
 def _fused_q8_0(d: torch.Tensor, q: torch.Tensor):  # d [b, 1, R] fp16, q [b, 32, R] int8
     return q.float(), d.float(), None
 
@@ -526,15 +531,15 @@ def _fields_q6_k(b: torch.Tensor) -> list[torch.Tensor]:
             b[..., 128:192]]
 
 
-# type -> (the fields of blocks [R, b, Z], each [R, b, ...]; the codes, scales and offsets from them, K-major)
+# type -> (the fields of blocks [R, b, Z], each [R, b, ...]; the codes, scales and offsets from them, rows last)
 _FUSED = {"Q8_0": (_fields_q8_0, _fused_q8_0), "Q5_K": (_fields_q5_k, _fused_q5_k),
           "Q6_K": (_fields_q6_k, _fused_q6_k)}
 
 
 def fused_matvec(type_name: str, x: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:
-    """One token's product y [R] = W x [C] from K-major fields, each sub-block's codes summed against x
-    before its scale multiplies. Run compiled (_compiled_matvec): one loop over the bytes, 16 output rows
-    at a time, no weight materialized; eager, it makes temporaries of the whole matrix."""
+    """One token's product y [R] = W x [C] from the fields, each sub-block's codes summed against x before
+    its scale multiplies. Run compiled (_compiled_matvec): one loop over the bytes, 16 output rows at a
+    time, no weight materialized; eager, it makes temporaries of the whole matrix."""
     codes, scales, offsets = _FUSED[type_name][1](*fields)
     x = x.view(*codes.shape[:-1], 1)
     y = (codes * x).sum(-2, keepdim=True) * scales
@@ -544,14 +549,16 @@ def fused_matvec(type_name: str, x: torch.Tensor, *fields: torch.Tensor) -> torc
 
 
 def fused_weights(type_name: str, *fields: torch.Tensor) -> torch.Tensor:
-    """The weights W.T [C, R] of K-major fields (of some rows), as gguf computes them."""
+    """The weights W.T [C, R] of the fields (of some rows), as gguf computes them."""
     codes, scales, offsets = _FUSED[type_name][1](*fields)
     w = codes * scales if offsets is None else codes * scales + offsets
     return w.view(-1, w.shape[-1])
 
 
 # Compiled once per type (the type name is a constant of the graph) for every shape (dynamic): each kernel
-# parallel whatever the sizes of the first call (dynamic_threads), which would otherwise decide it.
+# parallel whatever the sizes of the first call (dynamic_threads), which would otherwise decide it. (One
+# compilation per shape runs about 25 % faster, but its variants would pass dynamo's limit of 8 per function
+# in a model of several types and shapes, past which it runs the eager code: see fused_matvec.)
 _compiled_matvec = torch.compile(fused_matvec, dynamic=True, options={"cpp.dynamic_threads": True})
 _compiled_weights = torch.compile(fused_weights, dynamic=True, options={"cpp.dynamic_threads": True})
 
@@ -589,8 +596,8 @@ def linear(blocks: torch.Tensor, qtype: QType, shape: tuple[int, int], dtype: to
            math: str = "fast") -> nn.Module:
     """The nn.Linear (no bias) of a quantized matrix, GGUF rows [R, row bytes] of shape (R, C). math
     "exact": QuantLinear, dequantized in each forward, bit-exact with gguf. "fast": Q4_0 / Q4_1 / Q4_K
-    repacked for PyTorch's int4 kernels (Int4Linear), Q8_0 / Q5_K / Q6_K transposed for compiled loops
-    (FusedLinear); the other types as "exact"."""
+    repacked for PyTorch's int4 kernels (Int4Linear), Q8_0 / Q5_K / Q6_K stored output rows innermost for
+    a compiled loop (FusedLinear); the other types as "exact"."""
     type_name = check_type("quants.linear", qtype)
     if math == "fast" and type_name in _INT4:
         return Int4Linear(blocks, type_name, shape, dtype)
