@@ -274,7 +274,8 @@ def load_gguf_weights(model: nn.Module, files: list[Path], device, dtype, place,
             _assign(model, name, _tensor_bytes(path, info), info, str(path), device, dtype, place, quant_math)
             found.add(name)
     if "output.weight" not in found and "tok_embeddings.weight" in found:
-        model.output = _tied_head(model.tok_embeddings, quant_math)   # as llama.cpp: no output.weight, the head is tied
+        # as llama.cpp: no output.weight, the head is tied
+        model.output = _tied_head(model.tok_embeddings, quant_math)
         found.add("output.weight")
     missing = sorted(set(expected) - found)
     if missing:

@@ -165,7 +165,8 @@ def compare(args):
           f"quant_math {args.quant_math}\n")
     print("| figure | ours | llama.cpp (--repack 0) | ours / llama.cpp |")
     print("|---|---|---|---|")
-    for key, label in (("prefill", f"prefill {args.prompt} tokens, tok/s"), ("decode", f"decode {args.new} tokens, tok/s")):
+    for key, label in (("prefill", f"prefill {args.prompt} tokens, tok/s"),
+                       ("decode", f"decode {args.new} tokens, tok/s")):
         theirs = peer.get(key)
         ratio = f"{result[key] / theirs:.2f}" if theirs else ""
         print(f"| {label} | {result[key]:.3f} | {theirs or 0:.3f} | {ratio} |")

@@ -251,8 +251,8 @@ def test_peak_memory_of_a_q4_k_model_is_about_its_file_size(tmp_path, quant_math
     # A fixed mmap threshold: glibc's adaptive one keeps freed dequantization buffers in its heap, 0-10 MB
     # of noise from run to run that is the allocator's, not the model's.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "big.gguf"), quant_math], capture_output=True,
-                         text=True, check=True, env=env)
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "big.gguf"), quant_math],
+                         capture_output=True, text=True, check=True, env=env)
     held, peak = map(int, out.stdout.split()[-2:])
     print(f"peak resident memory {peak / 1e6:.0f} MB for a file of {size / 1e6:.0f} MB ({peak / size:.2f} x), "
           f"the model's tensors {held / 1e6:.0f} MB")
@@ -532,8 +532,8 @@ def test_the_report_on_a_conversation_with_an_image(vision_weights, folder):
     reference = quant_report.make_reference(native_model(vision_weights, VISION_PARAMS), chunks, 32, chat)
     write_text_gguf(folder / "kl_vtext.gguf", vision_weights, VISION_PARAMS, "Q8_0")
     write_mmproj(folder / "kl_vproj.gguf", vision_weights, VISION_PARAMS, "Q8_0")
-    result = quant_report.score(load_model(folder / "kl_vtext.gguf", mmproj=folder / "kl_vproj.gguf", quant_math="exact"),
-                                reference)
+    model = load_model(folder / "kl_vtext.gguf", mmproj=folder / "kl_vproj.gguf", quant_math="exact")
+    result = quant_report.score(model, reference)
     assert result["chat"]["positions"] == 3 and 0 < result["chat"]["kl_mean"] < 0.1
 
 
