@@ -1,7 +1,7 @@
 """GGUF on the CPU: the fast path (quants.py) against the exact one, bfloat16, and llama.cpp on the same file.
 
-    python benchmarks/bench_gguf.py                    # tiny files, one per type: about 10 minutes on 2 cores
-    python benchmarks/bench_gguf.py --file /work/big/random-Q4_K_M.gguf --llama-bench PATH/llama-bench
+    python benchmarks/bench_gguf.py                    # tiny files, one per type: about 5 minutes on 2 cores
+    python benchmarks/bench_gguf.py --file DIR/random-Q4_K_M.gguf --llama-bench PATH/llama-bench
 
 Tiny files (default): one random checkpoint of the real architecture's proportions, smaller (D 512, 4
 layers, GQA 4:1, head_dim 128 != D / H, vocabulary 32768, untied head), written as native float32

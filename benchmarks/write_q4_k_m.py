@@ -1,6 +1,6 @@
 """Write a GGUF of the real Mistral Small 3.x text shapes with random Q4_K_M blocks, for bench_gguf.py --file.
 
-    python benchmarks/write_q4_k_m.py /work/big/random-Q4_K_M.gguf      # about 13.6 GB, a few minutes
+    python benchmarks/write_q4_k_m.py DIR/random-Q4_K_M.gguf      # 13.6 GB outside the repository, a few minutes
 
 40 layers, dim 5120, 32 query heads and 8 key/value heads of 128, hidden 32768, vocabulary 131072: every
 matrix Q4_K but the embedding table and the output head, Q6_K, as in llama.cpp's Q4_K_M (which also gives
