@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import torch  # noqa: E402
 
 from checkpoints import write_native  # noqa: E402
-from generate import Sampling, decode_bytes, decode_step, prefill, stream  # noqa: E402
+from generate import Sampling, decode_bytes, decode_step, stream  # noqa: E402
 from gguf_files import write_text_gguf  # noqa: E402
 from load import load_model  # noqa: E402
 
