@@ -10,6 +10,7 @@ per second after the first token, and the weight bandwidth that reaches (bytes o
 per second, generate.decode_bytes). A quantized step also dequantizes every matrix it reads, which is
 what dominates on a CPU.
 """
+import argparse
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from load import load_model  # noqa: E402
 
 PARAMS = {"dim": 512, "n_layers": 4, "head_dim": 128, "hidden_dim": 2048, "n_heads": 8, "n_kv_heads": 2,
           "rope_theta": 1e9, "norm_eps": 1e-5, "vocab_size": 32768, "max_position_embeddings": 4096}
-PROMPT, NEW_TOKENS, ROUNDS = 16, 24, 3
+PROMPT, NEW_TOKENS = 16, 24
 
 
 def decode_rate(model) -> float:
@@ -38,6 +39,13 @@ def decode_rate(model) -> float:
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of runs, the models taking turns (default: "
+                                                         "%(default)s); each runs twice in the first, and its "
+                                                         "best run counts")
+    rounds = p.parse_args().rounds
+    if rounds < 1:
+        p.error(f"--rounds {rounds}: expected 1 or more")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -50,12 +58,12 @@ def main():
                 "GGUF Q4_K, float32 activations": (files["Q4_K"], torch.float32),
                 "GGUF Q4_K, bfloat16 activations": (files["Q4_K"], torch.bfloat16)}
         models = {name: load_model(path, dtype=dtype) for name, (path, dtype) in runs.items()}
-        # The machine is shared: the models take turns, ROUNDS times, and the best run of each counts.
+        # The machine is shared: the models take turns, --rounds times, and the best run of each counts.
         best = {name: max(decode_rate(model) for _ in range(2)) for name, model in models.items()}
-        for _ in range(ROUNDS - 1):
+        for _ in range(rounds - 1):
             best = {name: max(best[name], decode_rate(model)) for name, model in models.items()}
         print(f"{torch.get_num_threads()} threads, model D {PARAMS['dim']}, {PARAMS['n_layers']} layers, "
-              f"vocabulary {PARAMS['vocab_size']}; {NEW_TOKENS} new tokens after {PROMPT}, best of {ROUNDS + 1} runs")
+              f"vocabulary {PARAMS['vocab_size']}; {NEW_TOKENS} new tokens after {PROMPT}, best of {rounds + 1} runs")
         print(f"{'':34}{'weights read/token':>20}{'decode tok/s':>14}{'GB/s':>8}")
         for name, model in models.items():
             size = decode_bytes(model)
