@@ -62,9 +62,10 @@ class Turn:
     prefix: bool = False  # assistant: the model continues it
 
 
-def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
+def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None, system: str | None = None
                 ) -> tuple[list[int], list[torch.Tensor]]:
-    """Token ids of the prompt, and its images as pixel tensors [3, H, W] in prompt order."""
+    """Token ids of the prompt, and its images as pixel tensors [3, H, W] in prompt order. system: the
+    system prompt of a conversation that has no system message (errors still count the caller's messages)."""
     version = tokenizer.version
     if version not in VERSIONS:
         raise InputError(f"no chat layout for tokenizer version {version!r}; expected one of {VERSIONS}")
@@ -74,6 +75,8 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
         raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     turns = [read_message(tokenizer, message, i) for i, message in enumerate(messages)]
     check_order(turns)
+    if system and not any(turn.role == "system" for turn in turns):
+        turns.insert(0, Turn("system", -1, [system]))
     turns = join_turns(turns, version)
 
     users = [k for k, turn in enumerate(turns) if turn.role == "user"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from generate import Session
+from generate import Session, as_flags
 from images import MAX_IMAGE_BYTES, file_url_path
 from inputs import InputError, read_bytes, read_json
 from load import DEFAULT_MODEL, DTYPES
@@ -259,10 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
+    if args.messages and args.prompt is not None:
+        p.error("--messages and --prompt cannot be combined: give the conversation one way")
+    if args.image and args.prompt is None:
+        p.error("--image goes with --prompt (a --messages file holds its own images)")
     try:
         return run(args)
     except InputError as e:   # bad input or an unreachable server: one line; a bug keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_flags(p, str(e))}", file=sys.stderr)
         return 2
 
 

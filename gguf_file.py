@@ -339,11 +339,11 @@ def gguf_tokenizer(path, mmproj=None) -> Tekken:
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
     if model != "gpt2" or pre != "tekken":
         raise InputError(f"{path}: tokenizer.ggml.model {model!r} / pre {pre!r} is not a Tekken tokenizer "
-                         f"(expected 'gpt2' / 'tekken'); pass --tokenizer tekken.json")
+                         f"(expected 'gpt2' / 'tekken'); pass tokenizer=tekken.json")
     tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type", [])
     if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) and isinstance(types, list)):
         raise InputError(f"{path}: tokenizer.ggml.tokens must be a list of strings and tokenizer.ggml.token_type "
-                         f"a list; pass --tokenizer tekken.json")
+                         f"a list; pass tokenizer=tekken.json")
     n_special = next((i for i, t in enumerate(types) if t != CONTROL), 0)
     specials = tokens[:n_special]
     alphabet = byte_alphabet()
@@ -392,7 +392,7 @@ def download_gguf(model: str, mmproj: str | None = "F16") -> tuple[Path, Path | 
     if not text:
         quants_found = sorted({m.group(1) for f in files
                                if (m := re.search(r"-((?:UD-)?[A-Z0-9_]+?)(-\d{5}-of-\d{5})?\.gguf$", f))})
-        raise InputError(f"--model {model}: {repo} has no {quant} file (it has {', '.join(quants_found)})")
+        raise InputError(f"model={model}: {repo} has no {quant} file (it has {', '.join(quants_found)})")
     projectors = [f for f in files if mmproj and re.fullmatch(rf"(.*/)?mmproj.*{mmproj}\.gguf", f, re.IGNORECASE)]
     folder = Path(_from_hub(model, huggingface_hub.snapshot_download, repo, allow_patterns=text + projectors[:1]))
     return folder / text[0], (folder / projectors[0]) if projectors else None
@@ -403,7 +403,7 @@ def _from_hub(model: str, call, *args, **kwargs):
     try:
         return call(*args, **kwargs)
     except Exception as e:   # no network, gated repository, missing login, typo in the id
-        raise MissingFileError(f"--model {model}: could not get the files from the Hugging Face hub "
+        raise MissingFileError(f"model={model}: could not get the files from the Hugging Face hub "
                                f"({type(e).__name__}: {e})") from None
 
 
@@ -417,11 +417,11 @@ def resolve_gguf(model: str, mmproj: str | None = None) -> tuple[Path, Path | bo
     else:
         choice = Path(mmproj)
         if not choice.is_file():
-            raise MissingFileError(f"--mmproj {mmproj}: no such file (or give a type: {', '.join(MMPROJ_TYPES)})")
+            raise MissingFileError(f"mmproj={mmproj}: no such file (or give a type: {', '.join(MMPROJ_TYPES)})")
     if HUB_QUANT.fullmatch(model) and not Path(model).exists():
         text, found = download_gguf(model, (mmproj or "F16").upper() if choice is None else None)
         return text, (found or False) if choice is None else choice
     path = Path(model).expanduser()
     if not path.is_file():
-        raise MissingFileError(f"--model {model}: no such GGUF file")
+        raise MissingFileError(f"model={model}: no such GGUF file")
     return path, choice

@@ -324,18 +324,18 @@ def resolve_model(name: str) -> Path:
     if folder.is_dir():
         return folder
     if folder.exists():
-        raise InputError(f"--model {name}: not a folder (expected a model folder or a hub id like {DEFAULT_MODEL})")
+        raise InputError(f"model={name}: not a folder (expected a model folder or a hub id like {DEFAULT_MODEL})")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise MissingFileError(f"--model {name}: no such folder (expected a local folder with params.json, "
+        raise MissingFileError(f"model={name}: no such folder (expected a local folder with params.json, "
                                f"consolidated.safetensors and tekken.json, or a hub id like {DEFAULT_MODEL})")
     try:
         return Path(huggingface_hub.snapshot_download(name, allow_patterns=HUB_FILES))
     except Exception as e:  # no network, gated repository, missing login, typo in the id
         raise MissingFileError(
-            f"--model {name}: could not get the files from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"model={name}: could not get the files from the Hugging Face hub ({type(e).__name__}: {e}). "
             f"On a machine with network run `hf download {name} --include {' '.join(HUB_FILES)} "
             f"--local-dir DIR` (after `hf auth login` and accepting the model's terms if it is gated), "
-            f"then pass --model DIR") from None
+            f"then pass model=DIR") from None
 
 
 def model_name(model: str) -> str:
@@ -353,19 +353,19 @@ def tokenizer_file(folder: Path) -> Path:
 
 
 def device_problem(name: str) -> str | None:
-    """Why --device `name` cannot be used here, or None: auto, cpu, cuda, cuda:N and mps are known,
+    """Why device `name` cannot be used here, or None: auto, cpu, cuda, cuda:N and mps are known,
     and cuda / mps must be available on this machine."""
     if name in ("auto", "cpu"):
         return None
     if not re.fullmatch(r"cuda(:\d+)?|mps", name):
-        return f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps"
+        return f"device={name!r}: expected auto, cpu, cuda, cuda:N or mps"
     if name == "mps":
-        return None if torch.backends.mps.is_available() else "--device 'mps': MPS is not available on this machine"
+        return None if torch.backends.mps.is_available() else "device='mps': MPS is not available on this machine"
     if not torch.cuda.is_available():
-        return f"--device {name!r}: CUDA is not available on this machine (torch {torch.__version__})"
+        return f"device={name!r}: CUDA is not available on this machine (torch {torch.__version__})"
     index = int(name.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():
-        return f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        return f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
     return None
 
 

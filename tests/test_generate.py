@@ -60,6 +60,22 @@ def test_seeded_sampling_is_reproducible():
     assert any(draw(7) != draw(seed) for seed in range(8, 12))
 
 
+def test_the_sampler_sorts_only_when_a_filter_applies(monkeypatch):
+    """The card's defaults (top_p 1, top_k 0) filter nothing: the vocabulary is not sorted, and the draw is
+    multinomial over the softmax itself. top_k alone takes the k largest (no sort); top_p sorts (control)."""
+    sorts, real = [], torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorts.append(self.shape) or real(self, *a, **k))
+    logits = torch.randn(2, 131072, generator=torch.Generator().manual_seed(0))
+    seeded = lambda: torch.Generator().manual_seed(3)   # noqa: E731
+    drawn = sample(logits, Sampling(temperature=0.15), seeded())
+    assert sorts == []
+    assert drawn.tolist() == torch.multinomial(torch.softmax(logits / 0.15, -1), 1, generator=seeded())[:, 0].tolist()
+    top_k = sample(logits, Sampling(temperature=0.15, top_k=50), seeded())
+    assert sorts == [] and all(int(t) in logits[i].topk(50).indices for i, t in enumerate(top_k))
+    sample(logits, Sampling(temperature=0.15, top_p=0.9), seeded())
+    assert sorts == [(2, 131072)]
+
+
 def test_model_card_defaults():
     assert generate.card_defaults("Mistral-Small-3.2-24B-Instruct-2506") == Sampling(0.15, 1.0, max_tokens=4096)
     assert generate.card_defaults("Magistral-Small-2506") == Sampling(0.7, 0.95, max_tokens=40960)

@@ -503,3 +503,52 @@ def test_gguf_metadata_is_checked_as_params_json_is(key, value, message):
             "llama.vocab_size": 1000, f"llama.{key}": value}
     with pytest.raises(InputError, match=message):
         gguf_file.text_args(meta, "model.gguf")
+
+
+# ----------------------------------------------------------------------------- what a new user trips over (issue 21)
+
+def test_an_image_for_a_gguf_without_its_mmproj_names_the_missing_file(cli_files, tmp_path, capsys):
+    """Not "this tokenizer has no image support": the mmproj*.gguf that is missing and how to give it, as a
+    flag on the command line and as the argument from Python. Control: with its mmproj the image is read."""
+    native, gguf = cli_files
+    alone = tmp_path / gguf.name
+    alone.symlink_to(gguf)                                     # the text file without the mmproj beside it
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(image)
+    args = ["--dtype", "float32", "--max-tokens", "1", "--image", str(image), "What is this?"]
+    assert generate.main(["--model", str(alone)] + args) == 2
+    err = capsys.readouterr().err
+    assert "no vision file was found beside this GGUF" in err and "mmproj*.gguf" in err and "--mmproj FILE" in err
+    assert "mmproj=" not in err and "no image support" not in err, err
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": str(image)}}]}]
+    with pytest.raises(InputError, match=r"mmproj\*\.gguf beside it, or pass mmproj=FILE"):
+        generate.Session(str(alone), dtype="float32").answer(messages)
+    assert generate.main(["--model", str(alone), "--mmproj", str(gguf.parent / "mmproj-F32.gguf")] + args) == 0
+
+
+def test_score_refuses_a_reference_made_from_another_model(cli_files, tmp_path, capsys):
+    """Another model's shapes, another tokenizer: refused, naming what differs (it printed "top-1 0.00 %",
+    exit 0). Control: the GGUF of the reference's own weights is scored."""
+    native, gguf = cli_files
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    ref = tmp_path / "ref.safetensors"
+    assert quant_report.main(["reference", "--model", str(native), "--text", str(tmp_path / "text.txt"),
+                              "--context", "32", "--chunks", "2", "--out", str(ref)]) == 0
+    wider = tmp_path / "wider"
+    write_native(wider, {k: v for k, v in CLI_PARAMS.items() if k != "vision_encoder"} | {"dim": 64}, seed=5)
+    write_tekken(wider, "v11")
+    retokenized = tmp_path / "retokenized"
+    retokenized.mkdir()
+    for name in ("params.json", "consolidated.safetensors"):
+        (retokenized / name).symlink_to(native / name)
+    write_tekken(retokenized, "v7")
+    capsys.readouterr()
+    for model, message in [(wider, "made from another model: dim 48 (reference) vs 64"),
+                           (retokenized, "made with another tokenizer")]:
+        assert quant_report.main(["score", "--model", str(model), "--reference", str(ref)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert quant_report.main(["score", "--model", str(gguf), "--reference", str(ref), "--json",
+                              str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["text"]["top1"] == 1
