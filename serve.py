@@ -3,14 +3,16 @@
     python serve.py --model mistralai/Mistral-Small-3.2-24B-Instruct-2506 --port 8000
 
     GET  /v1/models             the one model served
-    GET  /health                200 once the model is loaded
+    GET  /health                200 once the model is loaded; 503 {"status": "loading"} before
     POST /v1/chat/completions   answers, streamed or not: tools, images, stop strings, logprobs, usage
     POST /tokenize              a conversation -> its prompt ids and image grids (to diff runtimes)
 
 Threads: http.server gives each connection a thread, which reads and checks the request and encodes
 the conversation (fetching and preprocessing its images); the prompt then goes through a queue to the
 one thread that owns the model (as in mlx-lm's server), which answers one request at a time and sends
-each request's tokens back through a queue of that request's own.
+each request's tokens back through a queue of that request's own. The server listens before the model
+loads (on a thread of its own): a port in use fails at once, and until the model is ready every route
+but /health answers 503. One line per request goes to stderr.
 """
 import argparse
 import json
@@ -32,8 +34,8 @@ import torch
 
 from chat import (CALL_ID, TextStream, ToolCall, image_slots, new_call_id, optional_special, parse_output,
                   partial_suffix)
-from generate import (SAMPLING_RANGES, Sampling, Session, Step, add_model_flags, add_sampling_flags,
-                      check_sampling_flags, flag_sampling)
+from generate import (SAMPLING_RANGES, Sampling, Session, Stats, Step, add_model_flags, add_sampling_flags,
+                      as_flags, check_sampling_flags, flag_sampling, speed)
 from images import SCHEME, file_url_path, token_grid
 from inputs import InputError, parse_json
 
@@ -102,9 +104,50 @@ def sampling_option(body: dict, name: str, kind: type, default, field: str | Non
                   lambda value: value == also or in_range(value), default)
 
 
+def never(value) -> bool:
+    """For a field whose every value asks for something."""
+    return False
+
+
+# Fields of OpenAI's and vLLM's chat requests that this server does not implement, each with the values
+# that ask for nothing (clients send some by default): any other value is refused with a 400 naming the
+# field, never silently ignored. null is the field not given.
+NOT_IMPLEMENTED = {
+    "response_format": lambda v: v == {"type": "text"},
+    "tool_choice": lambda v: v in ("auto", "none"),
+    "parallel_tool_calls": lambda v: v is True,
+    "functions": lambda v: v == [], "function_call": lambda v: v in ("auto", "none"),
+    "logit_bias": lambda v: v == {},
+    "frequency_penalty": lambda v: v == 0, "presence_penalty": lambda v: v == 0,
+    "repetition_penalty": lambda v: v == 1, "length_penalty": lambda v: v == 1,
+    "min_p": lambda v: v == 0, "min_tokens": lambda v: v == 0,
+    "best_of": lambda v: v == 1, "use_beam_search": lambda v: v is False,
+    "ignore_eos": lambda v: v is False, "stop_token_ids": lambda v: v == [],
+    "include_stop_str_in_output": lambda v: v is False, "echo": lambda v: v is False,
+    "prompt_logprobs": never, "bad_words": lambda v: v == [], "allowed_token_ids": never,
+    "modalities": lambda v: v == ["text"], "audio": never, "prediction": never, "web_search_options": never,
+    "reasoning_effort": never,
+    "guided_json": never, "guided_regex": never, "guided_choice": never, "guided_grammar": never,
+    "structured_outputs": never,
+    "chat_template": never, "chat_template_kwargs": lambda v: v == {},
+    "continue_final_message": lambda v: v is False, "add_generation_prompt": lambda v: v is True,
+    "truncate_prompt_tokens": never,
+}
+
+
+def refuse_unimplemented(body: dict) -> None:
+    for name, asks_nothing in NOT_IMPLEMENTED.items():
+        value = body.get(name)
+        if value is not None and not asks_nothing(value):
+            raise HTTPError(400, f"{name} {json.dumps(value)[:60]} is not implemented by this server (it would be "
+                                 f"ignored); leave it out", param=name, code="unsupported_parameter")
+
+
 def read_request(body: dict, card: Sampling, default_seed: int | None) -> Request:
-    """The chat completion request's fields, checked; unknown fields are ignored, as OpenAI clients
-    send some that do not apply here (user, metadata, ...)."""
+    """The chat completion request's fields, checked; a field that asks for something this server does
+    not do is refused (NOT_IMPLEMENTED); other unknown fields are ignored, as OpenAI clients send some
+    that change no answer (user, metadata, store, ...)."""
+    refuse_unimplemented(body)
     option(body, "n", int, "1 (one answer per request)", lambda n: n == 1)
     temperature = sampling_option(body, "temperature", float, card.temperature)
     top_p = sampling_option(body, "top_p", float, card.top_p)
@@ -119,8 +162,10 @@ def read_request(body: dict, card: Sampling, default_seed: int | None) -> Reques
                  lambda n: 0 <= n <= MAX_TOP_LOGPROBS)
     if top is not None and not logprobs:
         raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    tools = option(body, "tools", list, "a list of tools")
     return Request(
-        messages=body.get("messages"), tools=option(body, "tools", list, "a list of tools"),
+        messages=body.get("messages"),
+        tools=None if body.get("tool_choice") == "none" else tools,   # "none": not offered, the model answers
         sampling=Sampling(temperature, top_p, max(top_k, 0), max_tokens),
         seed=sampling_option(body, "seed", int, default_seed),
         stops=[stops] if isinstance(stops, str) else stops,
@@ -172,6 +217,7 @@ class Final:
     finish_reason: str
     usage: dict
     logprobs: list[dict]
+    stats: Stats               # for the request's log line
 
 
 # What the model thread sends a request's thread, in order: Delta per token, then Done or Failed.
@@ -243,7 +289,7 @@ class Answer:
         text = f"token_id:{token}" if self.request.token_ids else data.decode("utf-8", errors="replace")
         return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(data)}
 
-    def finish(self, prompt_tokens: int) -> tuple[Delta, Final]:
+    def finish(self, prompt_tokens: int, stats: Stats) -> tuple[Delta, Final]:
         """Once generation has ended: the text left to send, and the answer (tool calls, why it ended)."""
         if not self.stopped:
             self.decoder.flush()             # an incomplete UTF-8 character at the end of the text
@@ -255,7 +301,7 @@ class Answer:
         finish = "length" if not ended else "tool_calls" if calls else "stop"
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(self.ids),
                  "total_tokens": prompt_tokens + len(self.ids)}
-        return last, Final(self.text, calls, finish, usage, self.logprobs)
+        return last, Final(self.text, calls, finish, usage, self.logprobs, stats)
 
 
 def tool_call(call: ToolCall) -> dict:
@@ -275,15 +321,16 @@ class Job:
 
     def run(self, session: Session):
         try:
-            answer = Answer(session.tokenizer, self.request)
+            answer, stats = Answer(session.tokenizer, self.request), Stats(len(self.ids))
             for step in session.stream(self.ids, self.images, self.request.sampling, self.request.seed,
                                        logits=self.request.top_logprobs is not None):
                 if self.cancelled.is_set():  # the client is gone
                     break
                 self.events.put(answer.add(step))
+                stats = step.stats
                 if answer.stopped:
                     break
-            last, final = answer.finish(len(self.ids))
+            last, final = answer.finish(len(self.ids), stats)
             self.events.put(last)
             self.events.put(Done(final))
         except Exception as e:   # reported by the request's thread; the model thread goes on
@@ -317,13 +364,33 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, session: Session, model_id: str, limits: Limits | None = None, host: str = "127.0.0.1",
                  port: int = 8000, default_seed: int | None = None):
-        super().__init__((host, port), Handler)
+        super().__init__((host, port), Handler)   # listening: a port in use fails here, before any loading
         self.session, self.model_id, self.default_seed = session, model_id, default_seed
         self.limits = limits or Limits()
         self.created = int(time.time())
         self.model_thread = ModelThread(session)
         self.connections: set[socket.socket] = set()   # open client connections, ended on close
         self.connections_lock = threading.Lock()
+        self.ready = threading.Event()                  # set once the model is loaded
+        self.load_error: BaseException | None = None    # why loading failed (the server then stops)
+        threading.Thread(target=self.load, name="load", daemon=True).start()
+
+    def load(self):
+        """Load the model while the server answers /health with 503; a failure stops the server."""
+        try:
+            self.session.load()
+        except BaseException as e:   # bad weights or a bug: serve_forever returns, main reports it
+            self.load_error = e
+            self.shutdown()
+            return
+        self.ready.set()
+        host, port = self.server_address[:2]
+        print(f"serving {self.model_id} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+
+    def handle_error(self, request, client_address):
+        """A client gone while its request was read or answered is no error of the server's."""
+        if not isinstance(sys.exc_info()[1], DISCONNECTED):
+            super().handle_error(request, client_address)
 
     def process_request_thread(self, request, client_address):
         with self.connections_lock:
@@ -364,23 +431,39 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "")
         # bytes of the body not read yet; fullmatch, not isdigit, which takes "²" too
         self.unread = int(length) if re.fullmatch(r"[0-9]{1,18}", length) else 0
+        self.status, self.note, self.started = None, "", time.perf_counter()   # for the log line
         try:
             handler = ROUTES.get((method, path))
             if handler is None:
                 raise HTTPError(404, f"unknown route: {method} {path}", code="unknown_url")
+            if not self.server.ready.is_set() and handler is not Handler.health:
+                raise HTTPError(503, "the model is loading; /health answers 200 once it is ready", code="loading")
             handler(self)
         except DISCONNECTED:
             self.close_connection = True
+            self.note = self.note or "the client left"
         except Exception as e:
             self.send_error_json(e)
+        self.log_message("%s", f"{method} {path} {self.status or '-'} {self.note}".rstrip())
+
+    def send_response(self, code: int, message: str | None = None):
+        self.status = code
+        super().send_response(code, message)
+
+    def log_request(self, code="-", size="-"):
+        """Nothing: route logs one line per request, once it is answered."""
 
     def send_error_json(self, e: Exception):
         status, body = error_body(e)
-        self.close_connection = True
-        self.skip_body()
+        self.close_connection, self.status = True, status
+        self.note = f"{self.note}: {body['error']['message']}" if self.note else body["error"]["message"]
         if status >= 500:
             traceback.print_exception(e)   # a bug: its traceback on the server's stderr
-        self.send_json(status, body)
+        try:
+            self.skip_body()
+            self.send_json(status, body)
+        except DISCONNECTED:               # the client left without its answer: never to report
+            self.note += " (the client left)"
 
     def send_json(self, status: int, body: dict):
         data = json.dumps(body, ensure_ascii=False).encode()
@@ -424,7 +507,10 @@ class Handler(BaseHTTPRequestHandler):
                                                          "created": self.server.created, "owned_by": "local"}]})
 
     def health(self):
-        self.send_json(200, {"status": "ok"})
+        if self.server.ready.is_set():
+            self.send_json(200, {"status": "ok"})
+        else:
+            self.send_json(503, {"status": "loading"})   # as llama-server: up, but not ready
 
     def tokenize(self):
         """{messages, tools} -> {tokens, count, max_model_len, images: [[rows, cols], ...]} (vLLM's keys)."""
@@ -438,29 +524,36 @@ class Handler(BaseHTTPRequestHandler):
 
     def chat_completions(self):
         body = self.read_body()
+        asked = body.get("model")
+        if isinstance(asked, str) and asked != self.server.model_id:
+            self.log_message("warning: the request names model %r; this server serves %r and answers with it "
+                             "(--served-model-name sets the name it serves under)", asked[:100], self.server.model_id)
         request = read_request(body, self.server.session.sampling, self.server.default_seed)
         check_images(request.messages, self.server.limits)
         job = Job(*self.server.session.encode(request.messages, request.tools), request)
         self.server.model_thread.jobs.put(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.server.model_id}
+        self.note = head["id"]
         event = job.events.get()
+        first_token = time.perf_counter() - self.started
         if isinstance(event, Failed):        # before any token: an ordinary error response
             raise event.error
         if request.stream:
-            self.stream(job, head, event)
+            self.stream(job, head, event, first_token)
             return
         while not isinstance(event, Done):
             event = job.events.get()
             if isinstance(event, Failed):
                 raise event.error
         final = event.final
+        self.note = summary(head["id"], final, first_token)
         message = {"role": "assistant", "content": final.content if final.content or not final.tool_calls else None,
                    "tool_calls": final.tool_calls or None}
         choice = {"index": 0, "message": message, "finish_reason": final.finish_reason,
                   "logprobs": {"content": final.logprobs} if request.top_logprobs is not None else None}
         self.send_json(200, {**head, "object": "chat.completion", "choices": [choice], "usage": final.usage})
 
-    def stream(self, job: Job, head: dict, event: Delta | Done | Failed):
+    def stream(self, job: Job, head: dict, event: Delta | Done | Failed, first_token: float):
         """Server-sent events: a role delta, content deltas, tool-call deltas, the finish reason, the
         usage (if asked), [DONE]. A client that goes away cancels its job."""
         request = job.request
@@ -490,11 +583,13 @@ class Handler(BaseHTTPRequestHandler):
                 event = job.events.get()
             if isinstance(event, Failed):
                 status, body = error_body(event.error)
+                self.note += f": failed mid-answer: {body['error']['message']}"
                 if status >= 500:
                     traceback.print_exception(event.error)
                 send(body)
             else:
                 final = event.final
+                self.note = summary(head["id"], final, first_token)
                 for i, call in enumerate(final.tool_calls):   # the call, then its arguments
                     send(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
                                                 "function": {"name": call["function"]["name"], "arguments": ""}}]}))
@@ -505,6 +600,16 @@ class Handler(BaseHTTPRequestHandler):
             send("[DONE]")
         except DISCONNECTED:
             job.cancelled.set()   # the model thread stops at the next token and takes the next job
+            self.note += ": the client left mid-answer"
+
+
+def summary(request_id: str, final: Final, first_token: float) -> str:
+    """A request's log line: its id, tokens, time to first token (from the request's arrival, queueing
+    included), decoding speed, why it ended."""
+    s = final.stats
+    return (f"{request_id}: {final.usage['prompt_tokens']} prompt tokens, {final.usage['completion_tokens']} "
+            f"generated, first token {first_token:.2f} s, decode {speed(s.decode_steps, s.decode_s)}, "
+            f"finish {final.finish_reason}")
 
 
 ROUTES = {("GET", "/v1/models"): Handler.models, ("GET", "/health"): Handler.health,
@@ -542,12 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.allow_local_images) if args.allow_local_images else None
     if folder is not None and not folder.is_dir():
         parser.error(f"--allow-local-images {args.allow_local_images}: no such folder")
-    try:
+    try:   # the files are read and checked here; the weights load once the server listens
         session = Session(args.model, args.device, args.dtype, args.compile, args.tokenizer, args.mmproj)
         session.sampling = flag_sampling(args, session.sampling)
-        session.load()
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_flags(parser, str(e))}", file=sys.stderr)
         return 2
     limits = Limits(int(args.max_body_mb * 2**20), args.max_images, folder)
     try:
@@ -556,13 +660,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
-    print(f"serving {server.model_id} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    print(f"listening on http://{host}:{port}; loading the model (/health answers 503 until it is ready)...",
+          file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.close()
+    if isinstance(server.load_error, InputError):
+        print(f"error: {as_flags(parser, str(server.load_error))}", file=sys.stderr)
+        return 2
+    if server.load_error is not None:   # a bug: its traceback
+        raise server.load_error
     return 0
 
 

@@ -78,6 +78,7 @@ def serving(session, limits: Limits | None = None):
     server = serve.Server(session, MODEL_ID, limits, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    assert server.ready.wait(timeout=60), "the model did not load"
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
@@ -478,6 +479,122 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(client, url, monke
     print(f"the abandoned stream generated {counts[0]} of 500 tokens; the next answer came in "
           f"{time.perf_counter() - start:.2f} s")
     assert counts[0] < 100 and time.perf_counter() - start < 10
+
+
+# ----------------------------------------------------------------------------- starting, logging, fields not implemented
+
+def test_a_port_in_use_fails_before_the_model_loads(repo, monkeypatch, capsys):
+    monkeypatch.setattr(generate.Session, "load", lambda self: pytest.fail("the model loaded before the port"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        start = time.perf_counter()
+        assert serve.main(["--model", str(repo), "--device", "cpu", "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err and time.perf_counter() - start < 10
+
+
+def test_health_says_loading_until_the_model_is_ready(repo, monkeypatch):
+    """The server listens first; while the model loads (on a thread) /health answers 503 {"status":
+    "loading"} and every other route 503; then 200 and answers."""
+    loaded, release, real = threading.Event(), threading.Event(), generate.Session.load
+
+    def slow_load(self):
+        assert release.wait(timeout=60)
+        loaded.set()
+        return real(self)
+    monkeypatch.setattr(generate.Session, "load", slow_load)
+    server = serve.Server(generate.Session(str(repo), device="cpu", dtype="float32"), MODEL_ID, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert raw(url, "GET", "/health") == (503, {"status": "loading"})
+        status, body = raw(url, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 503 and "loading" in body["error"]["message"]
+        assert raw(url, "GET", "/v1/models")[0] == 503 and not loaded.is_set()
+        release.set()
+        assert server.ready.wait(timeout=60)
+        assert raw(url, "GET", "/health") == (200, {"status": "ok"})
+        status, body = raw(url, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                                 "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] == 2
+    finally:
+        release.set()
+        server.close()
+        thread.join(timeout=10)
+
+
+def test_a_model_that_fails_to_load_stops_the_server(repo, monkeypatch, capsys):
+    def bad(self):
+        raise InputError("layers.0.attention.wq.weight holds nan")
+    monkeypatch.setattr(generate.Session, "load", bad)
+    assert serve.main(["--model", str(repo), "--device", "cpu", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "listening on http://127.0.0.1:" in err and "error: layers.0.attention.wq.weight holds nan" in err
+
+
+def test_one_log_line_per_request(client, capfd):
+    """Its id, tokens, time to first token, speed, finish reason and client, on one line; a warning when
+    it names another model. Not http.server's access line besides."""
+    capfd.readouterr()
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
+                                           temperature=0, max_tokens=3)
+    chunks, _, _ = stream_answer(client, messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=3)
+    time.sleep(0.2)                                     # the stream's line is written once it is sent
+    err = capfd.readouterr().err
+    print(err)
+    (line,) = [line for line in err.splitlines() if reply.id in line]
+    assert line.startswith("127.0.0.1 ") and "POST /v1/chat/completions 200" in line
+    assert f"{reply.usage.prompt_tokens} prompt tokens, 3 generated, first token " in line
+    assert re.search(r"decode \S+ (tok/s|s/token), finish length$", line), line
+    (streamed,) = [line for line in err.splitlines() if chunks[0].id in line]
+    assert "3 generated" in streamed and "finish length" in streamed
+    assert re.search(r"warning: the request names model 'gpt-4o-mini'; this server serves", err)
+    assert err.count("warning:") == 1                   # the streamed request named the served model
+    assert "HTTP/1.1\"" not in err                      # no access line besides
+
+
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}), ("tool_choice", "required"),
+    ("tool_choice", {"type": "function", "function": {"name": "get_weather"}}), ("logit_bias", {"1000": 5}),
+    ("presence_penalty", 0.5), ("frequency_penalty", 1), ("parallel_tool_calls", False), ("min_p", 0.1),
+    ("repetition_penalty", 1.1), ("guided_json", {"type": "object"}), ("reasoning_effort", "high"),
+])
+def test_fields_not_implemented_are_refused(url, field, value):
+    status, body = raw(url, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                             "max_tokens": 1, field: value})
+    assert status == 400 and body["error"]["param"] == field and body["error"]["message"].startswith(field), body
+
+
+def test_fields_that_ask_for_nothing_are_accepted(client):
+    """What clients send by default (mistral-common's to_openai: response_format text, tool_choice auto)."""
+    reply = hello(client, max_tokens=1, response_format={"type": "text"}, tool_choice="auto", tools=TOOLS,
+                  parallel_tool_calls=True, presence_penalty=0, frequency_penalty=0, logit_bias={}, n=1,
+                  extra_body={"continue_final_message": False, "repetition_penalty": 1})
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_tool_choice_none_offers_no_tool(client):
+    offered = hello(client, max_tokens=1, tools=TOOLS, tool_choice="auto").usage.prompt_tokens
+    none = hello(client, max_tokens=1, tools=TOOLS, tool_choice="none").usage.prompt_tokens
+    assert none == hello(client, max_tokens=1).usage.prompt_tokens < offered
+
+
+def test_a_client_gone_while_its_error_is_sent_leaves_no_traceback(client, url, capfd):
+    """The client sends a request that is refused (an unknown route with a long body), then resets the
+    connection while the server reads the rest of the body to answer."""
+    host, port = url.removeprefix("http://").split(":")
+    capfd.readouterr()
+    for _ in range(3):
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 1000)
+        time.sleep(0.3)                                  # the server is reading the body it refuses
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()                                     # a reset, not a close
+    assert hello(client, max_tokens=1).choices[0].finish_reason == "length"
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+    assert err.count("POST /v1/nothing 404 unknown route: POST /v1/nothing (the client left)") == 3, err
 
 
 # ----------------------------------------------------------------------------- load
