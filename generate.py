@@ -26,15 +26,12 @@ from pathlib import Path
 
 import torch
 
-import gguf_file
 from chat import AssistantOutput, encode_chat, load_system_prompt, parse_output
+from checkpoint import DEFAULT_MODEL, read_checkpoint
 from dump import Recorder, write_dump
 from inputs import InputError, read_json, read_text, regular_file
-from load import (DEFAULT_MODEL, DTYPES, device_problem, load_model, model_name, pick_device, read_checkpoint,
-                  resolve_model, tokenizer_file)
-from parallel import check_split, close, is_lead, launched, mesh_from_env
-from tokenizer import Tokenizer
-from vision import check_tokenizer
+from load import DTYPES, device_problem, load_model, pick_device
+from parallel import close, is_lead, launched, mesh_from_env
 
 
 @dataclass
@@ -234,27 +231,6 @@ def partial_suffix(text: str, tag: str) -> int:
     return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
 
 
-# ----------------------------------------------------------------------------- files
-
-def resolve_weights(model: str, mmproj: str | None = None) -> tuple[Path, Path | bool | None]:
-    """The weights --model names: a folder (resolve_model), or a GGUF file and its mmproj."""
-    if model.endswith(".gguf") or gguf_file.HUB_QUANT.fullmatch(model):
-        return gguf_file.resolve_gguf(model, mmproj)
-    return resolve_model(model), None
-
-
-def load_tokenizer(path: str | None, folder: Path, checkpoint) -> tuple[Tokenizer, Path]:
-    """The tokenizer and its file: the file given, else the model's own, tekken.json beside the
-    weights or a GGUF's tokenizer.ggml.* (with the image settings of its mmproj)."""
-    if path is not None:
-        path = Path(path)
-        return (gguf_file.gguf_tokenizer(path) if path.suffix == ".gguf" else Tokenizer.from_file(path)), path
-    if checkpoint.layout == "gguf":
-        return gguf_file.gguf_tokenizer(folder, mmproj=checkpoint.files[-1] if checkpoint.vision else False), folder
-    path = tokenizer_file(folder)
-    return Tokenizer.from_file(path), path
-
-
 # ----------------------------------------------------------------------------- memory and stats
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -306,8 +282,9 @@ class Session:
     model: a local folder or a hub id, or a GGUF (FILE.gguf, or REPO:QUANT on the hub); dtype: "bfloat16",
     "float16" or "float32"; compile: the decoding step through torch.compile. tokenizer: a tokenizer file
     instead of the model's own; mmproj: a GGUF's vision file, or its type on the hub (see
-    gguf_file.resolve_gguf). The weights are loaded with the first answer, once its prompt is known
-    to fit the context; sampling defaults come from the model card (see `sampling`).
+    checkpoint.py). The files are read and checked against each other here, the weights loaded with the
+    first answer, once its prompt is known to fit the context; sampling defaults come from the model card
+    (see `sampling`).
     Under torchrun every rank makes its Session and asks it the same questions: the model is split
     over the ranks (parallel.py), each on its own GPU, and every rank gets the same reply."""
 
@@ -316,18 +293,9 @@ class Session:
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
         self.mesh, self.device = mesh_from_env(pick_device(device))   # a bad device fails before any file is read
-        self.folder, self.mmproj = resolve_weights(model, mmproj)
-        self.name = model_name(model)
-        self.checkpoint = read_checkpoint(self.folder, self.mmproj)
-        if self.mesh is not None:
-            check_split(self.checkpoint.args, self.mesh.size())
-        self.tokenizer, source = load_tokenizer(tokenizer, self.folder, self.checkpoint)
-        if self.tokenizer.n_words > self.checkpoint.args.vocab_size:
-            raise InputError(f"the tokenizer {source} has {self.tokenizer.n_words} ids but {self.checkpoint.config} gives "
-                             f"vocab_size {self.checkpoint.args.vocab_size}: the model has no embedding for the "
-                             f"tokenizer's last ids")
-        if self.checkpoint.vision is not None:
-            check_tokenizer(self.checkpoint.vision, self.tokenizer, str(self.checkpoint.config))
+        self.checkpoint = read_checkpoint(model, mmproj, tokenizer, 1 if self.mesh is None else self.mesh.size())
+        self.folder, self.name, self.mmproj = self.checkpoint.path, self.checkpoint.name, self.checkpoint.mmproj
+        self.tokenizer = self.checkpoint.tokenizer
         self.context = self.checkpoint.args.max_position_embeddings
         self.sampling = card_defaults(self.name)
         self.reasoning = is_reasoning_model(self.name)
@@ -365,8 +333,7 @@ class Session:
     def load(self):
         """The model, loaded on first use."""
         if self.model is None:
-            self.model = load_model(self.folder, device=self.device, dtype=self.dtype, mesh=self.mesh,
-                                    mmproj=self.mmproj)
+            self.model = load_model(self.checkpoint, device=self.device, dtype=self.dtype, mesh=self.mesh)
         return self.model
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import generate
 from dump import compare
 from generate import Sampling, filter_probs, sample
@@ -104,7 +105,7 @@ def test_hub_download_asks_for_exactly_the_needed_files(monkeypatch, tmp_path):
         return str(tmp_path)
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert generate.resolve_model("mistralai/Mistral-Small-3.2-24B-Instruct-2506") == tmp_path
+    assert checkpoint.resolve_model("mistralai/Mistral-Small-3.2-24B-Instruct-2506") == tmp_path
     assert calls == [("mistralai/Mistral-Small-3.2-24B-Instruct-2506",
                       ["params.json", "consolidated*.safetensors", "tekken.json", "SYSTEM_PROMPT.txt"], {})]
 
