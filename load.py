@@ -1,6 +1,6 @@
 """Loading the model: the tensors of a checkpoint (checkpoint.py) into model.Transformer, checked one by one.
 
-    load_model(checkpoint or path, device, dtype) -> model.Transformer (vision.VisionLanguageModel with a vision encoder)
+    load_model(checkpoint or path, device, dtype) -> model.Transformer (a vision.VisionLanguageModel with images)
 
 One loop (load_tensors) reads the three layouts of the weights:
 - native: consolidated*.safetensors, under the names the model uses (tok_embeddings, layers.N.attention.wq, ...);
