@@ -19,10 +19,12 @@ v7 writes the calls of one turn as a single JSON list instead:
 One <s>, no </s> after user, system or tool messages; the prompt ends after [/INST] or
 [/TOOL_RESULTS], or inside a final assistant message marked {"prefix": True}, which the model continues.
 """
+import codecs
 import json
 import random
 import re
 import string
+import sys
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from itertools import groupby
@@ -31,7 +33,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from images import cell_size, load_image, preprocess_image
+from images import load_image, preprocess_image, token_grid
 from inputs import MAX_DEPTH, InputError, check_depth, json_depth, read_text
 
 VERSIONS = ("v7", "v11", "v13")
@@ -137,18 +139,35 @@ def read_content(tokenizer, content, i: int, role: str) -> list:
         fail(i, role, f"content must be a string or a list of parts, got {type(content).__name__}")
     parts = []
     for k, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind, slot = part.get("type") if isinstance(part, dict) else None, image_slot(part)
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append(part["text"])
-        elif kind in ("image_url", "image") and role == "user":
-            source = part.get(kind)
-            source = source.get("url") if kind == "image_url" and isinstance(source, dict) else source
-            parts.append(read_image(tokenizer, source, i, k))
-        elif kind in ("image_url", "image"):
+        elif slot is not None and role == "user":
+            holder, key = slot
+            parts.append(read_image(tokenizer, holder.get(key), i, k))
+        elif slot is not None:
             fail(i, role, f"part {k}: images are only allowed in user messages")
         else:
             fail(i, role, f"part {k}: expected a 'text', 'image_url' or 'image' part, got {part!r:.80}")
     return parts
+
+
+def image_slot(part) -> tuple[dict, str] | None:
+    """Where an image part keeps its source, as (holder, key): OpenAI's {"type": "image_url", "image_url":
+    {"url": URL}} in (part["image_url"], "url"); {"type": "image", "image": SOURCE} (mistral-common's)
+    and {"type": "image_url", "image_url": URL} in the part itself. None for a part that is not an image."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in ("image_url", "image"):
+        return None
+    return (part["image_url"], "url") if isinstance(part.get("image_url"), dict) else (part, kind)
+
+
+def image_slots(messages) -> list[tuple[dict, str]]:
+    """image_slot of every image part of a conversation, which is not checked: what is not a list of
+    messages with lists of parts is skipped (encode_chat says what is wrong with it)."""
+    return [slot for message in (messages if isinstance(messages, list) else []) if isinstance(message, dict)
+            for part in (message.get("content") if isinstance(message.get("content"), list) else [])
+            if (slot := image_slot(part)) is not None]
 
 
 def read_image(tokenizer, source, i: int, k: int) -> torch.Tensor:
@@ -343,8 +362,7 @@ def user_ids(tokenizer, parts: list, images: list) -> list[int]:
 
 def image_ids(tokenizer, pixels: torch.Tensor) -> list[int]:
     """One [IMG] per merged patch, [IMG_BREAK] after each row, [IMG_END] instead of the last break."""
-    cell = cell_size(tokenizer.image.patch_size, tokenizer.image.spatial_merge_size)
-    rows, cols = pixels.shape[1] // cell, pixels.shape[2] // cell
+    rows, cols = token_grid(pixels, tokenizer.image.patch_size, tokenizer.image.spatial_merge_size)
     ids = ([tokenizer.special_id("[IMG]")] * cols + [tokenizer.special_id("[IMG_BREAK]")]) * rows
     ids[-1] = tokenizer.special_id("[IMG_END]")
     return ids
@@ -474,6 +492,53 @@ def optional_special(tokenizer, name: str) -> int | None:
         return tokenizer.special_id(name)
     except InputError:  # v7 has no [ARGS] / [CALL_ID]
         return None
+
+
+# ---------------------------------------------------------------------------------------- streaming text
+
+class TextStream:
+    """Generated ids as text as they come, written piece by piece (printed by default); a UTF-8
+    character split across tokens is written once complete. Control tokens write nothing."""
+
+    def __init__(self, tokenizer, write=None):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.write = write or (lambda text: print(text, end="", flush=True))
+
+    def __call__(self, token: int):
+        if not self.tokenizer.is_special(token):
+            self.write(self.decoder.decode(self.tokenizer.token_bytes(token)))
+
+    def flush(self):
+        self.write(self.decoder.decode(b"", final=True))
+
+
+class ReasoningSplit:
+    """For Magistral: text between <think> and </think> goes to stderr, the answer to stdout."""
+
+    def __init__(self):
+        self.buffer, self.thinking = "", False
+
+    def __call__(self, text: str):
+        self.buffer += text
+        while self.buffer:
+            tag = "</think>" if self.thinking else "<think>"
+            i = self.buffer.find(tag)
+            if i < 0:
+                keep = partial_suffix(self.buffer, tag)   # hold back what may be the start of a tag
+                self._emit(self.buffer[:len(self.buffer) - keep])
+                self.buffer = self.buffer[len(self.buffer) - keep:]
+                return
+            self._emit(self.buffer[:i])
+            self.buffer, self.thinking = self.buffer[i + len(tag):], not self.thinking
+
+    def _emit(self, text: str):
+        print(text, end="", flush=True, file=sys.stderr if self.thinking else sys.stdout)
+
+
+def partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is a beginning of `tag` (shorter than tag)."""
+    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
 
 
 # ---------------------------------------------------------------------------------------- system prompt

@@ -30,9 +30,10 @@ class Recorder:
         self.hidden: list | None = [] if hidden else None
 
     def add(self, logits: torch.Tensor, hidden: list | None):
-        self.logits.append(logits[0].float().cpu())                                # [S, V]
+        """logits [n, V] and hidden n_layers x [n, D] of the n positions one step ran."""
+        self.logits.append(logits.float().cpu())
         if self.hidden is not None:
-            self.hidden.append([h[0].float().cpu() for h in hidden])                 # n_layers x [S, D]
+            self.hidden.append([h.float().cpu() for h in hidden])
 
 
 

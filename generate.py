@@ -13,7 +13,6 @@ the loop work on token ids alone; Session adds the files, the tokenizer and the 
 command line adds flags, printing and dumps.
 """
 import argparse
-import codecs
 import functools
 import json
 import math
@@ -21,12 +20,13 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from chat import AssistantOutput, encode_chat, load_system_prompt, parse_output
+from chat import AssistantOutput, ReasoningSplit, TextStream, encode_chat, load_system_prompt, parse_output
 from checkpoint import DEFAULT_MODEL, read_checkpoint
 from dump import Recorder, write_dump
 from inputs import InputError, read_json, read_text, regular_file
@@ -57,6 +57,21 @@ def is_reasoning_model(model_name: str) -> bool:
 
 
 MAX_SEED = 2**64 - 1   # torch.Generator's seeds: 0 .. 2^64 - 1
+# What each sampling value may be, checked here for flags and request fields alike: (in range?, expected).
+SAMPLING_RANGES = {
+    "temperature": (lambda t: math.isfinite(t) and t >= 0, "a finite number >= 0"),
+    "top_p": (lambda p: 0 < p <= 1, "a number in (0, 1]"),
+    "top_k": (lambda k: k >= 0, "0 (every token) or more"),
+    "max_tokens": (lambda n: n >= 1, "an integer >= 1"),
+    "seed": (lambda s: 0 <= s <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+}
+
+
+def sampling_problem(field: str, value) -> str | None:
+    """What is expected of a sampling value (SAMPLING_RANGES) that is out of its range; None if it is
+    in range or not given."""
+    in_range, expected = SAMPLING_RANGES[field]
+    return None if value is None or in_range(value) else expected
 
 
 def card_defaults(model_name: str) -> Sampling:
@@ -98,9 +113,24 @@ class Stats:
     decode_s: float = 0.0
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class Step:
+    """One generated token, with what was asked for beside it."""
+    token: int
+    logits: torch.Tensor | None    # [n, V] float32, raw (before temperature), of the n positions this step ran:
+                                   # n = 1, or the whole prompt on the first step with prompt_logits; the last
+                                   # row is the distribution `token` was sampled from. None unless asked for.
+    hidden: list | None            # n_layers x [n, D]: each block's output at those positions, when asked for
+    stats: Stats                   # running: the tokens and seconds so far
+
+
+def prefill(model, prompt: list[int], images: list, hidden: list | None = None,
+            all_logits: bool = False) -> torch.Tensor:
+    """The prompt (with its images) through the model into its cache -> float32 logits [1, S, V], or
+    [1, 1, V] (the last position alone, the only one sampling needs) unless all_logits."""
+    device = model.output.weight.device
+    return model(torch.tensor([prompt], device=device), input_pos=torch.arange(len(prompt), device=device),
+                 collect_hidden=hidden, images=images or None, last_only=not all_logits)
 
 
 def decode_step(model, token: torch.Tensor, pos: torch.Tensor, collect_hidden: list | None = None,
@@ -125,110 +155,55 @@ def compiled_decode_step(device_type: str):
     return torch.compile(decode_step, fullgraph=True, dynamic=True)
 
 
-class StopGeneration(Exception):
-    """Raised by an on_token callback to end the answer after that token (a stop string, a client gone)."""
-
-
 @torch.inference_mode()
-def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: Sampling, stop_ids: set,
-             on_token=None, seed: int | None = None, recorder: Recorder | None = None,
-             compile: bool = False, on_logits=None) -> tuple[list[int], Stats]:
+def stream(model, prompt: list[int], images: list, max_tokens: int, sampling: Sampling, stop_ids: set,
+           seed: int | None = None, compile: bool = False, logits: bool = False, prompt_logits: bool = False,
+           hidden: bool = False) -> Iterator[Step]:
     """Prefill `prompt` (with its images), then sample up to `max_tokens` tokens, one per step through
-    the KV cache. on_token(id) is called as each token is chosen; on_logits(logits [V]) just before,
-    with the raw float32 logits that token is sampled from (before temperature). Returns (generated
-    ids, stats). compile: run the decoding steps through torch.compile (the first call compiles them).
-    recorder: keeps the logits (and hidden states) of every position, for a dump; it needs the eager
-    steps, so that a dump holds the logits of the code as written.
-    A KeyboardInterrupt, or StopGeneration from on_token, stops the loop and returns what was
-    generated so far (the token on_token stopped at included)."""
+    the KV cache, yielding each as it is chosen; the answer ends after a stop id. The consumer stops it
+    early by leaving its loop. logits / prompt_logits / hidden: put the raw logits (of the prompt's
+    positions too) and each block's hidden states in the steps (see Step). compile: decoding steps
+    through torch.compile (the first answer compiles them); hidden states need the eager code."""
     if max_tokens < 1:
         raise InputError(f"max_tokens is {max_tokens}: expected at least 1")
-    if compile and recorder is not None:
-        raise InputError("compile and a recorder (--compile and --dump) cannot be combined: a dump holds "
-                         "the logits of the eager code")
+    if compile and hidden:
+        raise InputError("compile and hidden states cannot be combined: a dump holds the eager code's values")
     device = model.output.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     step = compiled_decode_step(device.type) if compile else decode_step
-    stats, out = Stats(prompt_tokens=len(prompt)), []
     model.setup_cache(1, len(prompt) + max_tokens)
-    pos = torch.arange(len(prompt), device=device)
-    hidden = [] if recorder is not None and recorder.hidden is not None else None
+    stats, states = Stats(prompt_tokens=len(prompt)), [] if hidden else None
     start = time.perf_counter()
+    out = prefill(model, prompt, images, states, all_logits=prompt_logits)         # [1, S or 1, V]
+    pos = torch.tensor([len(prompt) - 1], device=device)
+    for n in range(1, max_tokens + 1):
+        next_id = sample(out[:, -1], sampling, generator)                           # [1]
+        token = int(next_id)                                                         # the one host sync
+        elapsed = time.perf_counter() - start
+        if n == 1:
+            stats.prefill_s = elapsed
+        stats.generated_tokens, stats.decode_s = n, elapsed - stats.prefill_s
+        yield Step(token, out[0] if logits or prompt_logits else None,
+                   [h[0] for h in states] if hidden else None, stats)
+        if token in stop_ids or n == max_tokens:
+            return
+        pos, states = pos + 1, [] if hidden else None
+        # Steps read the cache up to the new token; a compiled one on a GPU all of it (fixed shapes).
+        kv_len = None if compile and device.type == "cuda" else len(prompt) + n
+        out = step(model, next_id[:, None], pos, states, kv_len)                    # [1, 1, V]
+
+
+def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: Sampling, stop_ids: set,
+             seed: int | None = None, compile: bool = False) -> tuple[list[int], Stats]:
+    """The whole answer of `stream`: (generated ids, stats). A Ctrl-C ends it with the ids so far."""
+    ids, stats = [], Stats(prompt_tokens=len(prompt))
     try:
-        logits = model(torch.tensor([prompt], device=device), input_pos=pos, collect_hidden=hidden,
-                       images=images or None, last_only=recorder is None)            # [1, S or 1, V]
-        while True:
-            if recorder is not None:
-                recorder.add(logits, hidden)
-            if on_logits is not None:
-                on_logits(logits[0, -1])
-            next_id = sample(logits[:, -1], sampling, generator)                    # [1]
-            token = int(next_id)                                                     # the one host sync
-            if not out:
-                _sync(device)
-                stats.prefill_s = time.perf_counter() - start
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token in stop_ids or len(out) == max_tokens:
-                break
-            pos = pos[-1:] + 1
-            hidden = [] if hidden is not None else None
-            # Steps read the cache up to the new token; a compiled one on a GPU all of it (fixed shapes).
-            kv_len = None if compile and device.type == "cuda" else len(prompt) + len(out)
-            logits = step(model, next_id[:, None], pos, hidden, kv_len)             # [1, 1, V]
-    except (KeyboardInterrupt, StopGeneration):
+        for s in stream(model, prompt, images, max_tokens, sampling, stop_ids, seed, compile):
+            ids.append(s.token)
+            stats = s.stats
+    except KeyboardInterrupt:
         pass
-    _sync(device)
-    stats.generated_tokens = len(out)
-    stats.decode_s = time.perf_counter() - start - stats.prefill_s
-    return out, stats
-
-
-# ----------------------------------------------------------------------------- streaming
-
-class TextStream:
-    """Prints tokens as text; a UTF-8 character split across tokens is printed once complete."""
-
-    def __init__(self, tokenizer, write=None):
-        self.tokenizer = tokenizer
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.write = write or (lambda text: print(text, end="", flush=True))
-
-    def __call__(self, token: int):
-        if not self.tokenizer.is_special(token):
-            self.write(self.decoder.decode(self.tokenizer.token_bytes(token)))
-
-    def flush(self):
-        self.write(self.decoder.decode(b"", final=True))
-
-
-class ReasoningSplit:
-    """For Magistral: text between <think> and </think> goes to stderr, the answer to stdout."""
-
-    def __init__(self):
-        self.buffer, self.thinking = "", False
-
-    def __call__(self, text: str):
-        self.buffer += text
-        while self.buffer:
-            tag = "</think>" if self.thinking else "<think>"
-            i = self.buffer.find(tag)
-            if i < 0:
-                keep = partial_suffix(self.buffer, tag)   # hold back what may be the start of a tag
-                self._emit(self.buffer[:len(self.buffer) - keep])
-                self.buffer = self.buffer[len(self.buffer) - keep:]
-                return
-            self._emit(self.buffer[:i])
-            self.buffer, self.thinking = self.buffer[i + len(tag):], not self.thinking
-
-    def _emit(self, text: str):
-        print(text, end="", flush=True, file=sys.stderr if self.thinking else sys.stdout)
-
-
-def partial_suffix(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that is a beginning of `tag` (shorter than tag)."""
-    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
+    return ids, stats
 
 
 # ----------------------------------------------------------------------------- memory and stats
@@ -266,7 +241,6 @@ def print_stats(stats: Stats, device: torch.device, weight_bytes: int | None = N
 @dataclass
 class Reply:
     prompt_ids: list[int]
-    images: list[torch.Tensor]      # the prompt's pixels, on the model's device
     ids: list[int]                  # the generated ids, </s> included when it was sampled
     output: AssistantOutput         # those ids parsed: content, tool calls, reasoning
     stats: Stats
@@ -303,11 +277,11 @@ class Session:
         self.model = None
 
     def answer(self, messages: list[dict], tools: list | None = None, sampling: Sampling | None = None,
-               seed: int | None = None, on_token=None, recorder: Recorder | None = None) -> Reply:
-        """Generate the assistant's answer to the conversation (OpenAI chat format, see chat.py).
-        on_token(id) sees each token as it is chosen; the answer never runs past the context."""
+               seed: int | None = None) -> Reply:
+        """The assistant's whole answer to the conversation (OpenAI chat format, see chat.py), never
+        past the end of the context."""
         ids, images = self.encode(messages, tools)
-        return self.complete(ids, images, sampling, seed, on_token, recorder)
+        return self.complete(ids, images, sampling, seed)
 
     def encode(self, messages: list[dict], tools: list | None = None) -> tuple[list[int], list[torch.Tensor]]:
         """The prompt ids and pixels of a conversation; refused when it leaves no room for an answer."""
@@ -318,17 +292,28 @@ class Session:
         return ids, images
 
     def complete(self, ids: list[int], images: list[torch.Tensor], sampling: Sampling | None = None,
-                 seed: int | None = None, on_token=None, recorder: Recorder | None = None,
-                 on_logits=None) -> Reply:
-        """The answer to an encoded prompt (see encode), at most up to the end of the context."""
+                 seed: int | None = None) -> Reply:
+        """The whole answer to an encoded prompt (see encode and stream)."""
+        out, stats = [], Stats(prompt_tokens=len(ids))
+        for step in self.stream(ids, images, sampling, seed):
+            out.append(step.token)
+            stats = step.stats
+        return Reply(ids, out, parse_output(self.tokenizer, out), stats)
+
+    def stream(self, ids: list[int], images: list[torch.Tensor], sampling: Sampling | None = None,
+               seed: int | None = None, logits: bool = False, prompt_logits: bool = False,
+               hidden: bool = False) -> Iterator[Step]:
+        """The answer to an encoded prompt as it is generated, one Step per token (see the function
+        stream), at most up to the end of the context; the model is loaded on first use."""
         room = self.context - len(ids)
         sampling = sampling or self.sampling
-        max_tokens = min(sampling.max_tokens or room, room)
         model = self.load()
-        images = [im.to(self.device, model.output.weight.dtype) for im in images]
-        out, stats = generate(model, ids, images, max_tokens, sampling, {self.tokenizer.eos_id}, on_token=on_token,
-                              seed=seed, recorder=recorder, compile=self.compile, on_logits=on_logits)
-        return Reply(ids, images, out, parse_output(self.tokenizer, out), stats)
+        return stream(model, ids, self.on_device(images), min(sampling.max_tokens or room, room), sampling,
+                      {self.tokenizer.eos_id}, seed, self.compile, logits, prompt_logits, hidden)
+
+    def on_device(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preprocessed pixels as the model takes them: on its device, in its dtype."""
+        return [im.to(self.device, self.load().output.weight.dtype) for im in images]
 
     def load(self):
         """The model, loaded on first use."""
@@ -344,15 +329,19 @@ def card_help(field: str) -> str:
         f"{name}: {getattr(s, field)}" for name, s in MODEL_CARD_DEFAULTS.items()) + ")"
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype, --compile, --mmproj, --tokenizer: what Session takes (generate.py, serve.py)."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder or hub id (default: %(default)s), or "
-                                                        "a GGUF: FILE.gguf, or REPO:QUANT on the hub")
+def add_model_flags(p: argparse.ArgumentParser, model: str | None = DEFAULT_MODEL, dtype: str = "bfloat16",
+                    compile: bool = True) -> None:
+    """--model, --device, --dtype, --mmproj, --tokenizer and (compile) --compile: what Session takes, for
+    every command that loads a model. model None: --model is required."""
+    p.add_argument("--model", default=model, required=model is None,
+                   help="local folder or hub id" + (f" (default: {model})" if model else "") +
+                        ", or a GGUF: FILE.gguf, or REPO:QUANT on the hub")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--compile", action="store_true", help="compile the decoding step with torch.compile (one "
-                                                          "CUDA graph on a GPU): faster decoding after a slow "
-                                                          "first answer")
+    p.add_argument("--dtype", default=dtype, choices=sorted(DTYPES), help="(default: %(default)s)")
+    if compile:
+        p.add_argument("--compile", action="store_true", help="compile the decoding step with torch.compile (one "
+                                                              "CUDA graph on a GPU): faster decoding after a slow "
+                                                              "first answer")
     p.add_argument("--mmproj", help="a GGUF's vision file (default: the mmproj*.gguf beside it), the type to "
                                     "download with REPO:QUANT (F16 (default), BF16, F32), or none")
     p.add_argument("--tokenizer", help="a tokenizer file (tekken.json) instead of the model's own")
@@ -403,16 +392,10 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
 
 
 def check_sampling_flags(parser: argparse.ArgumentParser, args) -> None:
-    if args.max_tokens is not None and args.max_tokens < 1:
-        parser.error(f"--max-tokens {args.max_tokens}: expected at least 1")
-    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
-        parser.error(f"--temperature {args.temperature}: expected a finite number >= 0")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error(f"--top-p {args.top_p}: expected a number in (0, 1]")
-    if args.top_k is not None and args.top_k < 0:
-        parser.error(f"--top-k {args.top_k}: expected 0 (every token) or more")
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        parser.error(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED}")
+    for field in SAMPLING_RANGES:
+        expected = sampling_problem(field, getattr(args, field))
+        if expected is not None:
+            parser.error(f"--{field.replace('_', '-')} {getattr(args, field)}: expected {expected}")
 
 
 def system_problem(system: str | None) -> str | None:
@@ -498,23 +481,35 @@ def user_message(text: str, images: list[str]) -> dict:
 
 def respond(session: Session, messages: list[dict], tools, args) -> AssistantOutput:
     """Answer on the terminal: the text streamed (Magistral's reasoning to stderr), tool calls as
-    JSON, the stats line; and the dump, if asked for. Under torchrun only rank 0 prints and writes;
-    every rank records, so that all run the same computation."""
-    stream = TextStream(session.tokenizer, write=ReasoningSplit() if session.reasoning else None)
+    JSON, the stats line; and the dump, if asked for. Ctrl-C ends the answer where it is. Under
+    torchrun only rank 0 prints and writes; every rank records, so that all run the same computation."""
+    ids, images = session.encode(messages, tools)
+    text = TextStream(session.tokenizer, write=ReasoningSplit() if session.reasoning else None)
     recorder = Recorder(args.dump_hidden) if args.dump else None
-    reply = session.answer(messages, tools, seed=args.seed, on_token=stream if is_lead() else None,
-                           recorder=recorder)
+    out, stats = [], Stats(prompt_tokens=len(ids))
+    steps = session.stream(ids, images, seed=args.seed, prompt_logits=recorder is not None, hidden=args.dump_hidden)
+    try:   # the answer, not the loading before it
+        for step in steps:
+            out.append(step.token)
+            stats = step.stats
+            if recorder is not None:
+                recorder.add(step.logits, step.hidden)
+            if is_lead():
+                text(step.token)
+    except KeyboardInterrupt:
+        pass
+    output = parse_output(session.tokenizer, out)
     if not is_lead():
-        return reply.output
-    stream.flush()
+        return output
+    text.flush()
     print(flush=True)
-    if reply.output.tool_calls:
-        print(json.dumps([vars(c) for c in reply.output.tool_calls], ensure_ascii=False, indent=2))
-    print_stats(reply.stats, session.device, decode_bytes(session.model))
+    if output.tool_calls:
+        print(json.dumps([vars(c) for c in output.tool_calls], ensure_ascii=False, indent=2))
+    print_stats(stats, session.device, decode_bytes(session.model))
     if recorder is not None:
-        features = session.model.image_features(reply.images) if reply.images and args.dump_hidden else None
-        write_dump(args.dump, reply.prompt_ids, reply.ids, recorder, features, {"model": args.model})
-    return reply.output
+        features = session.model.image_features(session.on_device(images)) if images and args.dump_hidden else None
+        write_dump(args.dump, ids, out, recorder, features, {"model": args.model})
+    return output
 
 
 def interactive(session: Session, messages: list[dict], tools, args):

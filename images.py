@@ -159,6 +159,13 @@ def cell_size(patch_size: int, spatial_merge_size: int) -> int:
     return patch_size * spatial_merge_size
 
 
+def token_grid(pixels: torch.Tensor, patch_size: int = PATCH_SIZE,
+               spatial_merge_size: int = SPATIAL_MERGE_SIZE) -> tuple[int, int]:
+    """(rows, cols) of image tokens of preprocessed pixels [3, H, W] (sides multiples of the cell)."""
+    cell = cell_size(patch_size, spatial_merge_size)
+    return pixels.shape[1] // cell, pixels.shape[2] // cell
+
+
 def image_grid(width: int, height: int, patch_size: int = PATCH_SIZE,
                spatial_merge_size: int = SPATIAL_MERGE_SIZE, max_image_size: int = MAX_IMAGE_SIZE) -> tuple[int, int]:
     """(rows, cols) of image tokens for a width x height image; the prompt holds rows * (cols + 1)

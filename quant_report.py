@@ -32,9 +32,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from chat import encode_chat
-from generate import Session
+from generate import Session, add_model_flags
 from inputs import InputError, read_json, read_text, regular_file
-from load import DTYPES
 
 FORMAT = "quant_report/1"
 
@@ -181,9 +180,7 @@ def print_report(results: dict, name: str, reference: str, file=sys.stdout):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["reference", "score"])
-    p.add_argument("--model", required=True, help="a model folder, FILE.gguf or REPO:QUANT (as generate.py)")
-    p.add_argument("--mmproj", help="a GGUF's vision file (as generate.py)")
-    p.add_argument("--tokenizer", help="reference: a tokenizer file instead of the model's own")
+    add_model_flags(p, model=None, dtype="float32", compile=False)
     p.add_argument("--text", help="reference: the text file to score")
     p.add_argument("--messages", help="reference: a conversation (OpenAI format, images allowed) ending with the "
                                       "assistant answer to score")
@@ -193,8 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="reference: the file to write")
     p.add_argument("--reference", help="score: the reference file")
     p.add_argument("--json", help="score: also write the results to this JSON file")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = p.parse_args(argv)
     if args.mode == "reference" and not (args.text and args.out):
         p.error("reference needs --text and --out")

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from chat import CALL_ID, ToolCall, new_call_id, optional_special, parse_output
-from generate import (MAX_SEED, Reply, Sampling, Session, StopGeneration, TextStream, add_model_flags,
-                      add_sampling_flags, check_sampling_flags, flag_sampling, partial_suffix)
-from images import SCHEME, cell_size, file_url_path
+from chat import (CALL_ID, TextStream, ToolCall, image_slots, new_call_id, optional_special, parse_output,
+                  partial_suffix)
+from generate import (SAMPLING_RANGES, Sampling, Session, Step, add_model_flags, add_sampling_flags,
+                      check_sampling_flags, flag_sampling)
+from images import SCHEME, file_url_path, token_grid
 from inputs import InputError, parse_json
 
 MAX_TOP_LOGPROBS = 20        # OpenAI's limit
@@ -93,16 +94,23 @@ def option(body: dict, name: str, kind: type, expected: str, ok=lambda value: Tr
     return value
 
 
+def sampling_option(body: dict, name: str, kind: type, default, field: str | None = None, also=None):
+    """body[name], a sampling value in the range generate.SAMPLING_RANGES gives for `field` (default:
+    name); `also`: one more value taken."""
+    in_range, expected = SAMPLING_RANGES[field or name]
+    return option(body, name, kind, expected if also is None else f"{also} or {expected}",
+                  lambda value: value == also or in_range(value), default)
+
+
 def read_request(body: dict, card: Sampling, default_seed: int | None) -> Request:
     """The chat completion request's fields, checked; unknown fields are ignored, as OpenAI clients
     send some that do not apply here (user, metadata, ...)."""
     option(body, "n", int, "1 (one answer per request)", lambda n: n == 1)
-    temperature = option(body, "temperature", float, "a finite number >= 0",
-                         lambda t: math.isfinite(t) and t >= 0, card.temperature)
-    top_p = option(body, "top_p", float, "a number in (0, 1]", lambda p: 0 < p <= 1, card.top_p)
-    top_k = option(body, "top_k", int, "-1 or 0 (every token), or more", lambda k: k >= -1, card.top_k)
-    max_tokens = option(body, "max_completion_tokens", int, "an integer >= 1", lambda n: n >= 1,
-                        option(body, "max_tokens", int, "an integer >= 1", lambda n: n >= 1, card.max_tokens))
+    temperature = sampling_option(body, "temperature", float, card.temperature)
+    top_p = sampling_option(body, "top_p", float, card.top_p)
+    top_k = sampling_option(body, "top_k", int, card.top_k, also=-1)   # vLLM's -1: every token, as 0
+    max_tokens = sampling_option(body, "max_completion_tokens", int,
+                                 sampling_option(body, "max_tokens", int, card.max_tokens), field="max_tokens")
     stops = option(body, "stop", (str, list), "a string or a list of non-empty strings", lambda s: all(
         isinstance(x, str) and x for x in ([s] if isinstance(s, str) else s)), [])
     stream_options = option(body, "stream_options", dict, "an object such as {\"include_usage\": true}", default={})
@@ -114,8 +122,7 @@ def read_request(body: dict, card: Sampling, default_seed: int | None) -> Reques
     return Request(
         messages=body.get("messages"), tools=option(body, "tools", list, "a list of tools"),
         sampling=Sampling(temperature, top_p, max(top_k, 0), max_tokens),
-        seed=option(body, "seed", int, f"an integer from 0 to {MAX_SEED}", lambda n: 0 <= n <= MAX_SEED,
-                    default=default_seed),
+        seed=sampling_option(body, "seed", int, default_seed),
         stops=[stops] if isinstance(stops, str) else stops,
         stream=option(body, "stream", bool, "true or false", default=False),
         include_usage=option(stream_options, "include_usage", bool, "true or false", default=False),
@@ -127,14 +134,11 @@ def check_images(messages, limits: Limits) -> None:
     """Refuse, before anything is read, too many images and images that the server must not read:
     data: and http(s) URLs are fine; a local path or file:// URL only inside limits.local_images.
     Local sources are replaced by their resolved path. (The structure is checked later, by encode_chat.)"""
-    parts = [part for message in (messages if isinstance(messages, list) else []) if isinstance(message, dict)
-             for part in (message.get("content") if isinstance(message.get("content"), list) else [])
-             if isinstance(part, dict) and part.get("type") in ("image_url", "image")]
-    if len(parts) > limits.max_images:
-        raise HTTPError(400, f"the conversation has {len(parts)} images, more than the {limits.max_images} "
+    slots = image_slots(messages)
+    if len(slots) > limits.max_images:
+        raise HTTPError(400, f"the conversation has {len(slots)} images, more than the {limits.max_images} "
                              f"this server takes (--max-images)", param="messages")
-    for part in parts:
-        holder, key = (part["image_url"], "url") if isinstance(part.get("image_url"), dict) else (part, part["type"])
+    for holder, key in slots:
         holder[key] = image_source(holder.get(key), limits.local_images)
 
 
@@ -170,33 +174,45 @@ class Final:
     logprobs: list[dict]
 
 
+# What the model thread sends a request's thread, in order: Delta per token, then Done or Failed.
+@dataclass
+class Delta:
+    text: str                 # content to send now (may be empty: held back, or inside a tool call)
+    logprobs: list[dict]      # this token's logprobs entry, when asked for
+
+
+@dataclass
+class Done:
+    final: Final
+
+
+@dataclass
+class Failed:
+    error: Exception
+
+
 class Answer:
     """One answer as it is generated, on the model thread: the text decoded token by token, cut at a
-    stop string and held back where one may begin; the logprobs; deltas put on `events` as they come."""
+    stop string and held back where one may begin; the logprobs."""
 
-    def __init__(self, tokenizer, request: Request, events: queue.Queue, cancelled: threading.Event):
-        self.tokenizer, self.request, self.events, self.cancelled = tokenizer, request, events, cancelled
+    def __init__(self, tokenizer, request: Request):
+        self.tokenizer, self.request = tokenizer, request
         self.calls_marker = optional_special(tokenizer, "[TOOL_CALLS]")
         self.text, self.sent = "", 0         # the content so far, and how much of it was sent
         self.in_calls = self.stopped = False
+        self.ids: list[int] = []
         self.logprobs: list[dict] = []
-        self.logits = None                   # [V] the raw logits of the token about to come
         self.decoder = TextStream(tokenizer, write=self.add_text)
 
-    def on_logits(self, logits: torch.Tensor):
-        self.logits = logits
-
-    def on_token(self, token: int):
-        if self.cancelled.is_set():          # the client is gone
-            raise StopGeneration
-        entries = [self.logprob(token)] if self.request.top_logprobs is not None else []
+    def add(self, step: Step) -> Delta:
+        """A generated token -> what to send for it."""
+        self.ids.append(step.token)
+        entries = [self.logprob(step.token, step.logits[-1])] if self.request.top_logprobs is not None else []
         self.logprobs += entries
-        self.in_calls = self.in_calls or token == self.calls_marker
+        self.in_calls = self.in_calls or step.token == self.calls_marker
         if not self.in_calls:
-            self.decoder(token)
-        self.events.put(("delta", self.unsent(), entries))
-        if self.stopped:
-            raise StopGeneration
+            self.decoder(step.token)
+        return Delta(self.unsent(), entries)
 
     def add_text(self, piece: str):
         before, self.text = len(self.text), self.text + piece
@@ -212,8 +228,9 @@ class Answer:
         piece, self.sent = self.text[self.sent:end], end
         return piece
 
-    def logprob(self, token: int) -> dict:
-        logprobs = self.logits.float().log_softmax(-1)                          # [V], before temperature
+    def logprob(self, token: int, logits: torch.Tensor) -> dict:
+        """The entry of `token` sampled from logits [V] (raw: logprobs before temperature)."""
+        logprobs = logits.float().log_softmax(-1)
         top = logprobs.topk(self.request.top_logprobs) if self.request.top_logprobs else None
         entry = self.token_entry(token, logprobs[token].item())
         entry["top_logprobs"] = [] if top is None else [
@@ -226,25 +243,19 @@ class Answer:
         text = f"token_id:{token}" if self.request.token_ids else data.decode("utf-8", errors="replace")
         return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(data)}
 
-    def finish(self, reply: Reply) -> Final:
-        """The answer once generation has ended: the text left, the tool calls, why it ended."""
+    def finish(self, prompt_tokens: int) -> tuple[Delta, Final]:
+        """Once generation has ended: the text left to send, and the answer (tool calls, why it ended)."""
         if not self.stopped:
             self.decoder.flush()             # an incomplete UTF-8 character at the end of the text
-        calls = parse_output(self.tokenizer, reply.ids).tool_calls if self.in_calls else []
+        calls = parse_output(self.tokenizer, self.ids).tool_calls if self.in_calls else []
         self.text += "".join(call.raw_arguments for call in calls if not call.name)   # unreadable calls: as text
-        self.events.put(("delta", self.unsent(), []))
+        last = Delta(self.unsent(), [])
         calls = [tool_call(call) for call in calls if call.name]
-        ended = self.stopped or reply.ids[-1] == self.tokenizer.eos_id
+        ended = self.stopped or self.ids[-1] == self.tokenizer.eos_id
         finish = "length" if not ended else "tool_calls" if calls else "stop"
-        usage = {"prompt_tokens": len(reply.prompt_ids), "completion_tokens": len(reply.ids),
-                 "total_tokens": len(reply.prompt_ids) + len(reply.ids)}
-        return Final(self.text, calls, finish, usage, self.logprobs)
-
-
-def image_grid(tokenizer, pixels: torch.Tensor) -> list[int]:
-    """[rows, cols] of image tokens of preprocessed pixels [3, H, W]."""
-    cell = cell_size(tokenizer.image.patch_size, tokenizer.image.spatial_merge_size)
-    return [pixels.shape[1] // cell, pixels.shape[2] // cell]
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(self.ids),
+                 "total_tokens": prompt_tokens + len(self.ids)}
+        return last, Final(self.text, calls, finish, usage, self.logprobs)
 
 
 def tool_call(call: ToolCall) -> dict:
@@ -255,8 +266,7 @@ def tool_call(call: ToolCall) -> dict:
 
 @dataclass
 class Job:
-    """An encoded request for the model thread. It answers on `events`: ("delta", text, logprobs) per
-    token, then ("done", Final), or ("error", exception) at any point."""
+    """An encoded request for the model thread, which answers on `events` (Delta ..., then Done or Failed)."""
     ids: list[int]
     images: list[torch.Tensor]
     request: Request
@@ -265,13 +275,19 @@ class Job:
 
     def run(self, session: Session):
         try:
-            answer = Answer(session.tokenizer, self.request, self.events, self.cancelled)
-            on_logits = answer.on_logits if self.request.top_logprobs is not None else None
-            reply = session.complete(self.ids, self.images, self.request.sampling, self.request.seed,
-                                     on_token=answer.on_token, on_logits=on_logits)
-            self.events.put(("done", answer.finish(reply)))
+            answer = Answer(session.tokenizer, self.request)
+            for step in session.stream(self.ids, self.images, self.request.sampling, self.request.seed,
+                                       logits=self.request.top_logprobs is not None):
+                if self.cancelled.is_set():  # the client is gone
+                    break
+                self.events.put(answer.add(step))
+                if answer.stopped:
+                    break
+            last, final = answer.finish(len(self.ids))
+            self.events.put(last)
+            self.events.put(Done(final))
         except Exception as e:   # reported by the request's thread; the model thread goes on
-            self.events.put(("error", e))
+            self.events.put(Failed(e))
 
 
 class ModelThread:
@@ -416,8 +432,9 @@ class Handler(BaseHTTPRequestHandler):
         check_images(body.get("messages"), self.server.limits)
         session = self.server.session
         ids, images = session.encode(body.get("messages"), option(body, "tools", list, "a list of tools"))
-        self.send_json(200, {"tokens": ids, "count": len(ids), "max_model_len": session.context,
-                             "images": [image_grid(session.tokenizer, im) for im in images]})
+        config = session.tokenizer.image
+        grids = [list(token_grid(im, config.patch_size, config.spatial_merge_size)) for im in images]
+        self.send_json(200, {"tokens": ids, "count": len(ids), "max_model_len": session.context, "images": grids})
 
     def chat_completions(self):
         body = self.read_body()
@@ -426,24 +443,24 @@ class Handler(BaseHTTPRequestHandler):
         job = Job(*self.server.session.encode(request.messages, request.tools), request)
         self.server.model_thread.jobs.put(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.server.model_id}
-        kind, *event = job.events.get()
-        if kind == "error":                  # before any token: an ordinary error response
-            raise event[0]
+        event = job.events.get()
+        if isinstance(event, Failed):        # before any token: an ordinary error response
+            raise event.error
         if request.stream:
-            self.stream(job, head, (kind, *event))
+            self.stream(job, head, event)
             return
-        while kind != "done":
-            kind, *event = job.events.get()
-            if kind == "error":
-                raise event[0]
-        final: Final = event[0]
+        while not isinstance(event, Done):
+            event = job.events.get()
+            if isinstance(event, Failed):
+                raise event.error
+        final = event.final
         message = {"role": "assistant", "content": final.content if final.content or not final.tool_calls else None,
                    "tool_calls": final.tool_calls or None}
         choice = {"index": 0, "message": message, "finish_reason": final.finish_reason,
                   "logprobs": {"content": final.logprobs} if request.top_logprobs is not None else None}
         self.send_json(200, {**head, "object": "chat.completion", "choices": [choice], "usage": final.usage})
 
-    def stream(self, job: Job, head: dict, event: tuple):
+    def stream(self, job: Job, head: dict, event: Delta | Done | Failed):
         """Server-sent events: a role delta, content deltas, tool-call deltas, the finish reason, the
         usage (if asked), [DONE]. A client that goes away cancels its job."""
         request = job.request
@@ -467,19 +484,17 @@ class Handler(BaseHTTPRequestHandler):
 
         try:
             send(chunk({"role": "assistant", "content": ""}))
-            kind, *event = event
-            while kind == "delta":
-                text, logprobs = event
-                if text or logprobs:
-                    send(chunk({"content": text} if text else {}, logprobs))
-                kind, *event = job.events.get()
-            if kind == "error":
-                status, body = error_body(event[0])
+            while isinstance(event, Delta):
+                if event.text or event.logprobs:
+                    send(chunk({"content": event.text} if event.text else {}, event.logprobs))
+                event = job.events.get()
+            if isinstance(event, Failed):
+                status, body = error_body(event.error)
                 if status >= 500:
-                    traceback.print_exception(event[0])
+                    traceback.print_exception(event.error)
                 send(body)
             else:
-                final: Final = event[0]
+                final = event.final
                 for i, call in enumerate(final.tool_calls):   # the call, then its arguments
                     send(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
                                                 "function": {"name": call["function"]["name"], "arguments": ""}}]}))

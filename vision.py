@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from images import cell_size
+from images import cell_size, token_grid
 from inputs import InputError
 from model import ModelArgs, RMSNorm, Transformer, TransformerBlock, rope_frequencies
 
@@ -121,7 +121,7 @@ class VisionEncoder(nn.Module):
                 raise InputError(f"image {i}: size {height}x{width} (H x W) is not a multiple of {a.cell} pixels "
                                  f"(patch {a.patch_size} x merge {a.spatial_merge_size}); preprocess_image "
                                  f"resizes to one")
-            grids.append((height // a.cell, width // a.cell))
+            grids.append(token_grid(image, a.patch_size, a.spatial_merge_size))
         return grids
 
     def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:

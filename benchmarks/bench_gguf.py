@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import torch  # noqa: E402
 
 from checkpoints import write_native  # noqa: E402
-from generate import Sampling, decode_bytes, generate  # noqa: E402
+from generate import Sampling, decode_bytes, stream  # noqa: E402
 from gguf_files import write_text_gguf  # noqa: E402
 from load import load_model  # noqa: E402
 
@@ -33,8 +33,7 @@ PROMPT, NEW_TOKENS, ROUNDS = 16, 24, 3
 def decode_rate(model) -> float:
     """Tokens per second of greedy decoding, between the first token and the last."""
     prompt = torch.randint(1000, PARAMS["vocab_size"], (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
-    times = []
-    generate(model, prompt, [], NEW_TOKENS, Sampling(0.0), set(), on_token=lambda t: times.append(time.perf_counter()))
+    times = [time.perf_counter() for _ in stream(model, prompt, [], NEW_TOKENS, Sampling(0.0), set())]
     return (len(times) - 1) / (times[-1] - times[0])
 
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 
 from checkpoints import REAL_PARAMS, hf_mistral3_config, native_to_hf_mistral3  # noqa: E402
-from generate import Sampling, generate  # noqa: E402
+from generate import Sampling, generate, stream  # noqa: E402
 from config import parse_params  # noqa: E402
 from load import build_model  # noqa: E402
 from model import Transformer  # noqa: E402
@@ -63,7 +63,7 @@ def best_time(fn, device, repeats: int = 3) -> float:
 
 
 class Clock:
-    """When each token arrives: our on_token callback, and transformers' streamer interface (whose
+    """When each token arrives: called by our loop over the stream, and transformers' streamer interface (whose
     first put() is the prompt, not a token)."""
 
     def __init__(self, skip_first: bool = False):
@@ -142,7 +142,8 @@ def measure_ours(model, prompts, pixels, device, results: dict) -> None:
 
     def decode(compile: bool) -> float:
         clock = Clock()
-        generate(model, short, [], DECODE_TOKENS, Sampling(0.0), set(), on_token=clock, compile=compile)
+        for step in stream(model, short, [], DECODE_TOKENS, Sampling(0.0), set(), compile=compile):
+            clock(step.token)
         return clock.tokens_per_second()
 
     decode(False)

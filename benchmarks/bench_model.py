@@ -12,7 +12,7 @@ process, so that load time and peak memory are clean:
                   memory: the growth of the process's peak resident set (VmHWM) over its size before
                   loading, through the load and a first 1-token answer (so lazily mapped weights count)
     prefill       a 512-token prompt to its first token: tokens per second
-    decode        greedy, 128 new tokens after a 16-token prompt, timed as they arrive (our on_token,
+    decode        greedy, 128 new tokens after a 16-token prompt, timed as they arrive (our stream,
                   transformers' streamer): (128 - 1) / (time of the last - time of the first); also ours
                   with compile=True (generate.py --compile), compile time apart. Ours with the KV cache
                   of a default answer (prompt + 4096 positions, generate.py's --max-tokens), stopped
@@ -20,7 +20,7 @@ process, so that load time and peak memory are clean:
     TTFT image    a prompt with one 1000 x 700 image (25 x 36 image tokens) to its first token, from
                   normalized pixels (preprocessing, the same for both, is not timed)
 Then the speeds are measured again (--rounds), the two sides taking turns, and the best run counts.
-Ours is generate.generate (greedy); theirs model.generate(do_sample=False). Same weights, dtype and
+Ours is generate.stream (greedy); theirs model.generate(do_sample=False). Same weights, dtype and
 threads. The machine's memory bandwidth is measured in the same run (a 1 GiB float32
 matrix-vector product), and decode is read against it: weight bytes read per token x tokens per second.
 So is what a decoding step's own matrix-vector products reach alone (step_bandwidth).
@@ -157,16 +157,14 @@ def _prompts(params: dict):
 
 
 class Clock:
-    """When each new token arrives: our on_token callback, and transformers' streamer interface
-    (whose first put() is the prompt)."""
+    """When each new token arrives: called by our loop over the stream, and transformers' streamer
+    interface (whose first put() is the prompt)."""
 
-    def __init__(self, skip_first: bool = False, stop_after: int | None = None):
-        self.times, self.skip, self.stop_after = [], skip_first, stop_after
+    def __init__(self, skip_first: bool = False):
+        self.times, self.skip = [], skip_first
 
     def __call__(self, token):
         self.times.append(time.perf_counter())
-        if len(self.times) == self.stop_after:
-            raise KeyboardInterrupt   # generate() stops there and returns the tokens so far
 
     def put(self, value):
         if not self.skip:
@@ -181,15 +179,22 @@ class Clock:
 
 
 def _ours(folder: Path, dtype):
-    from generate import Sampling, generate
+    from generate import Sampling, stream
     from load import load_model
     model = load_model(folder / "native", dtype=dtype)
 
     def run(prompt, images, n, clock=None, compile=False, max_tokens=None):
         # max_tokens: the cache's room (prompt + max_tokens positions); the clock stops the answer at n
         images = [im.to(dtype) for im in images]
-        return generate(model, prompt, images, max_tokens or n, Sampling(temperature=0.0), stop_ids=set(),
-                        on_token=clock, compile=compile)[0]
+        out = []
+        for step in stream(model, prompt, images, max_tokens or n, Sampling(temperature=0.0), stop_ids=set(),
+                           compile=compile):
+            out.append(step.token)
+            if clock is not None:
+                clock(step.token)
+            if len(out) == n:
+                break
+        return out
     return run
 
 
@@ -230,7 +235,7 @@ def worker(impl: str, folder: Path, name: str, dtype_name: str, threads: int, re
     out = {"load_s": load_s, "load_gb": _memory_gb("VmHWM") - before}
 
     def decode(**kwargs) -> float:
-        clock = Clock(stop_after=DECODE_TOKENS)
+        clock = Clock()
         if impl == "ours":
             kwargs["max_tokens"] = DEFAULT_MAX_TOKENS
         out["ids"] = run(text[:DECODE_PROMPT], [], DECODE_TOKENS, clock, **kwargs)
@@ -312,7 +317,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="the 30 M model only")
     p.add_argument("--models", default=None, help=f"comma-separated, from {list(MODELS)}")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own count, one per core)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure the speeds again this many times, the two sides taking turns (default 1)")
     p.add_argument("--folder", help="keep the checkpoints here (reused when present) instead of a temporary one")
@@ -324,6 +329,7 @@ def main() -> None:
         return
     names = args.models.split(",") if args.models else (["30M"] if args.quick else ["0.5B", "30M"])
     dtypes = args.dtypes.split(",")
+    args.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder or tmp)

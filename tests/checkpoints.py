@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-# params.json of Mistral Small 3.1 / 3.2 (the official repositories; README.md, "The official files")
+# params.json of Mistral Small 3.1 / 3.2 (the official repositories; docs/model.md, "The official files")
 REAL_PARAMS = {
     "dim": 5120, "n_layers": 40, "head_dim": 128, "hidden_dim": 32768, "n_heads": 32, "n_kv_heads": 8,
     "rope_theta": 1000000000.0, "norm_eps": 1e-05, "vocab_size": 131072, "max_position_embeddings": 131072,

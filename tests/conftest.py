@@ -7,9 +7,9 @@ import generate
 @pytest.fixture
 def interactive_session(monkeypatch):
     """interactive_session(lines) -> prompts: input() answers each line in turn, then EOFError (the end of
-    the terminal's input); `prompts` collects the ids of every prompt generate.generate is given."""
+    the terminal's input); `prompts` collects the ids of every prompt generate.stream is given."""
     def start(lines: list[str]) -> list[list[int]]:
-        typed, prompts, real = iter(lines), [], generate.generate
+        typed, prompts, real = iter(lines), [], generate.stream
 
         def fake_input(prompt=""):
             try:
@@ -17,7 +17,7 @@ def interactive_session(monkeypatch):
             except StopIteration:
                 raise EOFError from None
         monkeypatch.setattr("builtins.input", fake_input)
-        monkeypatch.setattr(generate, "generate",
+        monkeypatch.setattr(generate, "stream",
                             lambda model, ids, *a, **k: prompts.append(ids) or real(model, ids, *a, **k))
         return prompts
     return start

@@ -1,7 +1,7 @@
 """Exact Tekken tokenizer files for the tests, built from the vocabulary mistral-common ships.
 
 The BPE vocabulary is the same across Tekken releases; an official v7 or v11 tekken.json is that
-vocabulary plus the special-token list and the image section (README.md, "The official files").
+vocabulary plus the special-token list and the image section (docs/model.md, "The official files").
 """
 import json
 import os

@@ -464,7 +464,7 @@ def test_command_line_runs_as_a_script(tmp_path):
 # ---------------------------------------------------------------------------------------- the real templates
 
 # What the checker reports for each template in ../shared/chat_templates with the tokenizer it targets:
-# the conversations that are not equal, each with words of its diagnosis or error (the README table).
+# the conversations that are not equal, each with words of its diagnosis or error (the table in docs/runtime-authors.md).
 REAL_VERDICTS = {
     "llamacpp-Mistral-Small-3.2-24B-Instruct-2506.jinja": {
         "no_system": "default system prompt", "system_text_parts": "cut short",

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import chat
 import checkpoint
 import generate
 from dump import compare
@@ -79,7 +80,7 @@ class FakeTokenizer:
 
 def test_stream_prints_a_split_utf8_character_once_complete():
     out = []
-    stream = generate.TextStream(FakeTokenizer(), write=out.append)
+    stream = chat.TextStream(FakeTokenizer(), write=out.append)
     for t in (5, 6, 7, 2):
         stream(t)
     stream.flush()
@@ -87,7 +88,7 @@ def test_stream_prints_a_split_utf8_character_once_complete():
 
 
 def test_reasoning_split(capsys):
-    split = generate.ReasoningSplit()
+    split = chat.ReasoningSplit()
     for piece in ("<th", "ink>\nlet me ", "think</thi", "nk>\nThe answer."):
         split(piece)
     captured = capsys.readouterr()
@@ -252,15 +253,17 @@ def test_prompt_longer_than_the_context_fails_before_any_compute(repo, monkeypat
     assert "more than the model's context of 600 tokens" in capsys.readouterr().err
 
 
-def test_interrupt_stops_cleanly_with_the_text_so_far(repo):
+def test_interrupt_stops_cleanly_with_the_text_so_far(repo, monkeypatch):
     model = load_model(repo[0])
-    seen = []
+    seen, real = [], generate.sample
 
-    def on_token(token):
-        seen.append(token)
+    def sample(logits, s, generator=None):   # Ctrl-C while the fourth token is computed
         if len(seen) == 3:
             raise KeyboardInterrupt
-    out, stats = generate.generate(model, [1, 3, 1000, 4], [], 10, Sampling(0.0), {2}, on_token=on_token)
+        seen.append(int(real(logits, s, generator)))
+        return real(logits, s, generator)
+    monkeypatch.setattr(generate, "sample", sample)
+    out, stats = generate.generate(model, [1, 3, 1000, 4], [], 10, Sampling(0.0), {2})
     assert out == seen and len(out) == 3 and stats.generated_tokens == 3
 
 
@@ -360,7 +363,7 @@ def test_a_prompt_that_reads_compare_is_a_prompt(repo, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--compile", "--dump", "x.safetensors"], "--compile and --dump cannot be combined"),
-    (["--max-tokens", "0"], "--max-tokens 0: expected at least 1"),
+    (["--max-tokens", "0"], "--max-tokens 0: expected an integer >= 1"),
     (["--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0"),
     (["--temperature", "nan"], "--temperature nan: expected a finite number >= 0"),
     (["--top-p", "0"], r"--top-p 0.0: expected a number in \(0, 1\]"),

@@ -423,7 +423,7 @@ def test_local_images_are_refused_unless_allowed(tmp_path):
 def test_a_bug_is_a_500_with_its_traceback_on_stderr(client, monkeypatch, capfd):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug deep inside")
-    monkeypatch.setattr(generate, "generate", broken)
+    monkeypatch.setattr(generate, "stream", broken)
     with pytest.raises(openai.InternalServerError, match="internal error: RuntimeError: a bug deep inside"):
         hello(client)
     monkeypatch.undo()
@@ -451,13 +451,17 @@ def test_an_error_mid_stream_is_an_error_chunk(client, monkeypatch, capfd):
 
 
 def test_a_client_that_leaves_mid_stream_stops_its_generation(client, url, monkeypatch):
-    counts, real = [], generate.generate
+    counts, real = [], generate.stream
 
     def counting(*args, **kwargs):
-        out, stats = real(*args, **kwargs)
-        counts.append(len(out))
-        return out, stats
-    monkeypatch.setattr(generate, "generate", counting)
+        n = 0
+        try:
+            for step in real(*args, **kwargs):
+                n += 1
+                yield step
+        finally:
+            counts.append(n)
+    monkeypatch.setattr(generate, "stream", counting)
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 500,
                        "stream": True}).encode()

@@ -270,7 +270,7 @@ def test_control_token_lookalikes_encode_as_text(pair):
 
 
 def test_small_31_example(v7):
-    """The published ids of `[INST]Hello, how are you?[/INST]` for Mistral Small 3.1 (README.md, "The official files")."""
+    """The published ids of `[INST]Hello, how are you?[/INST]` for Mistral Small 3.1 (docs/model.md, "The official files")."""
     ids = [v7.bos_id, v7.special_id("[INST]"), *v7.encode("Hello, how are you?"), v7.special_id("[/INST]")]
     assert ids == [1, 3, 22177, 1044, 2606, 1584, 1636, 1063, 4]
     assert v7.encode("[INST]") == [1091, 3174, 3074, 1093]
