@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import gguf_file
-from chat import AssistantOutput, encode_chat, load_system_prompt, parse_output
+from chat import AssistantOutput, encode_chat, load_system_prompt, parse_output, partial_suffix
 from dump import Recorder, write_dump
 from inputs import InputError, read_json, read_text, regular_file
 from load import (DEFAULT_MODEL, DTYPES, device_problem, load_model, model_name, pick_device, read_checkpoint,
@@ -227,11 +227,6 @@ class ReasoningSplit:
 
     def _emit(self, text: str):
         print(text, end="", flush=True, file=sys.stderr if self.thinking else sys.stdout)
-
-
-def partial_suffix(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that is a beginning of `tag` (shorter than tag)."""
-    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
 
 
 # ----------------------------------------------------------------------------- files
@@ -486,7 +481,7 @@ def flag_sampling(args, card: Sampling) -> Sampling:
                     max_tokens=card.max_tokens if args.max_tokens is None else args.max_tokens)
 
 
-def system_prompt(args, folder: Path, name: str) -> str | None:
+def system_prompt(args, folder: Path, name: str) -> str | list[dict] | None:
     if args.system is not None:
         path = Path(args.system)
         return read_text(path, what=f"--system {args.system}") if path.is_file() else args.system
