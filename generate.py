@@ -46,7 +46,13 @@ class Sampling:
     max_tokens: int | None = None
 
 
+# The sampling of each model card ("Sampling parameters"). A model takes the first entry whose words all
+# appear in its name, case ignored ("unsloth/Magistral-Small-2509-GGUF:Q4_K_M" is "Magistral 2509"); a
+# model that matches none, the last entry's. Magistral 2506's card keeps to 40k tokens: past them its
+# answers get worse.
 MODEL_CARD_DEFAULTS = {
+    "Magistral 2509": Sampling(temperature=0.7, top_p=0.95, max_tokens=131072),
+    "Magistral 2507": Sampling(temperature=0.7, top_p=0.95, max_tokens=40960),
     "Magistral": Sampling(temperature=0.7, top_p=0.95, max_tokens=40960),
     # The card gives no limit; the KV cache is sized to prompt + max_tokens and every decoding step reads
     # all of it, so a bounded default keeps the 24 B model's cache small (4096 positions: 0.7 GB in bf16).
@@ -55,7 +61,7 @@ MODEL_CARD_DEFAULTS = {
 
 
 def is_reasoning_model(model_name: str) -> bool:
-    """Magistral thinks aloud between <think> and </think> before it answers."""
+    """Magistral thinks before it answers (see chat.OutputStream)."""
     return "magistral" in model_name.lower()
 
 
@@ -63,7 +69,9 @@ MAX_SEED = 2**64 - 1   # torch.Generator's seeds: 0 .. 2^64 - 1
 
 
 def card_defaults(model_name: str) -> Sampling:
-    key = "Magistral" if is_reasoning_model(model_name) else "Mistral Small 3.x"
+    name = model_name.lower()
+    key = next((key for key in MODEL_CARD_DEFAULTS if all(word in name for word in key.lower().split())),
+               list(MODEL_CARD_DEFAULTS)[-1])
     return Sampling(**vars(MODEL_CARD_DEFAULTS[key]))
 
 

@@ -64,6 +64,17 @@ def test_model_card_defaults():
     assert generate.card_defaults("Magistral-Small-2506") == Sampling(0.7, 0.95, max_tokens=40960)
 
 
+def test_model_card_defaults_per_magistral_release():
+    """Each Magistral card's own sampling, found in hub ids, GGUF and MLX conversions' names alike."""
+    for name in ("mistralai/Magistral-Small-2509", "unsloth/Magistral-Small-2509-GGUF:Q4_K_M"):
+        assert generate.card_defaults(name) == Sampling(0.7, 0.95, max_tokens=131072)
+    for name in ("mistralai/Magistral-Small-2507", "lmstudio-community/Magistral-Small-2507-MLX-4bit"):
+        assert generate.card_defaults(name) == Sampling(0.7, 0.95, max_tokens=40960)
+    small = Sampling(0.15, 1.0, max_tokens=4096)
+    assert generate.card_defaults("mistralai/Mistral-Small-3.1-24B-Instruct-2503") == small
+    assert generate.card_defaults("Magistral-Small-2509") is not generate.card_defaults("Magistral-Small-2509")
+
+
 # ----------------------------------------------------------------------------- streaming
 
 class FakeTokenizer:
