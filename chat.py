@@ -529,6 +529,7 @@ class OutputStream:
         self.tags = tags and self.begin is None
         self.marker = optional_special(tokenizer, "[TOOL_CALLS]")
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.leading_space = tokenizer.leading_space
         self.kind = "content"
         self.reasoned = False  # a thought began
         self.calls = self.done = False
@@ -542,7 +543,10 @@ class OutputStream:
             self.calls = token == self.marker
             return self.close()
         if not self.tokenizer.is_special(token):
-            return self.text(self.decoder.decode(self.tokenizer.token_bytes(token)))
+            text = self.decoder.decode(self.tokenizer.token_bytes(token))
+            if self.leading_space and text:   # the space SentencePiece's encoder put in front of the text
+                text, self.leading_space = text.removeprefix(" "), False
+            return self.text(text)
         pieces = self.text(self.decoder.decode(b"", final=True))  # a special token ends a run of text
         if token == self.begin:
             self.kind, self.reasoned = "reasoning", True

@@ -24,7 +24,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from chat import KINDS, OutputStream, drop_reasoning, encode_chat, load_system_prompt, parse_output
 from inputs import InputError
-from tekken_files import write_tekken
+from tekken_files import SHIPPED_SENTENCEPIECE, write_tekken
 from test_chat import WEATHER, assert_same_images, call, mistral_request, result, system, text, user
 from tokenizer import Tokenizer
 
@@ -491,3 +491,17 @@ def test_random_outputs_v11_match_the_text_split(tekken):
         assert (parsed.reasoning, parsed.content) == expected == streamed(ours, ids), ours.decode(ids, special="keep")
         both += bool(parsed.reasoning and parsed.content)
     assert both > 50
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED_SENTENCEPIECE if p.name.endswith((".v3", ".v7"))],
+                         ids=lambda p: p.name)
+def test_sentencepiece_text_as_decode(path):
+    """A SentencePiece tokenizer's decode drops the space its encoder put first; the stream does too."""
+    ours = Tokenizer.from_file(path)
+    rng = random.Random(path.name)
+    pool = ours.encode(" Hello  world\n é 東京 😀 <think> ") + list(range(3, 300))   # byte pieces among them
+    pool = [i for i in pool if not ours.is_special(i)]
+    for _ in range(500):
+        ids = [rng.choice(pool) for _ in range(rng.randint(0, 10))]
+        assert (parse_output(ours, ids, tags=False).content, streamed(ours, ids, tags=False)) == (
+            ours.decode(ids), (None, ours.decode(ids)))
