@@ -22,7 +22,9 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 from transformers.utils.chat_template_utils import render_jinja_template
 
+import generate
 from chat import KINDS, OutputStream, drop_reasoning, encode_chat, load_system_prompt, parse_output
+from checkpoints import TINY_VISION_PARAMS, write_native
 from inputs import InputError
 from tekken_files import SHIPPED_SENTENCEPIECE, write_tekken
 from test_chat import WEATHER, assert_same_images, call, mistral_request, result, system, text, user
@@ -505,3 +507,22 @@ def test_sentencepiece_text_as_decode(path):
         ids = [rng.choice(pool) for _ in range(rng.randint(0, 10))]
         assert (parse_output(ours, ids, tags=False).content, streamed(ours, ids, tags=False)) == (
             ours.decode(ids), (None, ours.decode(ids)))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_the_cli_drops_earlier_thoughts_unless_keep_reasoning(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "Magistral-Small-2509"
+    write_native(folder, {**TINY_VISION_PARAMS, "vocab_size": 131072, "max_position_embeddings": 300})
+    tokenizer = Tokenizer.from_file(write_tekken(folder, "v13"))
+    conversation = [{"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!", "reasoning_content": "A greeting."},
+                    {"role": "user", "content": "Thanks"}]
+    (tmp_path / "chat.json").write_text(json.dumps(conversation))
+    prompts, real = [], generate.stream
+    monkeypatch.setattr(generate, "stream", lambda model, ids, *a, **k: prompts.append(ids) or real(model, ids, *a, **k))
+    flags = ["--model", str(folder), "--messages", str(tmp_path / "chat.json"), "--max-tokens", "1", "--dtype", "float32"]
+    assert generate.main(flags) == 0 and generate.main(flags + ["--keep-reasoning"]) == 0
+    dropped, kept = prompts
+    assert kept == encode_chat(tokenizer, conversation)[0]
+    assert dropped == encode_chat(tokenizer, drop_reasoning(conversation))[0] and dropped != kept
