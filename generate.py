@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from chat import AssistantOutput, ReasoningSplit, TextStream, encode_chat, load_system_prompt, parse_output
+from chat import AssistantOutput, OutputStream, drop_reasoning, encode_chat, load_system_prompt, parse_output
 from checkpoint import DEFAULT_MODEL, read_checkpoint
 from dump import Recorder, write_dump
 from inputs import InputError, read_json, read_text, regular_file
@@ -43,7 +43,13 @@ class Sampling:
     max_tokens: int | None = None
 
 
+# The sampling of each model card ("Sampling parameters"). A model takes the first entry whose words all
+# appear in its name, case ignored ("unsloth/Magistral-Small-2509-GGUF:Q4_K_M" is "Magistral 2509"); a
+# model that matches none, the last entry's. Magistral 2506's card keeps to 40k tokens: past them its
+# answers get worse.
 MODEL_CARD_DEFAULTS = {
+    "Magistral 2509": Sampling(temperature=0.7, top_p=0.95, max_tokens=131072),
+    "Magistral 2507": Sampling(temperature=0.7, top_p=0.95, max_tokens=40960),
     "Magistral": Sampling(temperature=0.7, top_p=0.95, max_tokens=40960),
     # The card gives no limit; the KV cache is sized to prompt + max_tokens and every decoding step reads
     # all of it, so a bounded default keeps the 24 B model's cache small (4096 positions: 0.7 GB in bf16).
@@ -52,7 +58,7 @@ MODEL_CARD_DEFAULTS = {
 
 
 def is_reasoning_model(model_name: str) -> bool:
-    """Magistral thinks aloud between <think> and </think> before it answers."""
+    """Magistral thinks before it answers (see chat.OutputStream)."""
     return "magistral" in model_name.lower()
 
 
@@ -75,7 +81,9 @@ def sampling_problem(field: str, value) -> str | None:
 
 
 def card_defaults(model_name: str) -> Sampling:
-    key = "Magistral" if is_reasoning_model(model_name) else "Mistral Small 3.x"
+    name = model_name.lower()
+    key = next((key for key in MODEL_CARD_DEFAULTS if all(word in name for word in key.lower().split())),
+               list(MODEL_CARD_DEFAULTS)[-1])
     return Sampling(**vars(MODEL_CARD_DEFAULTS[key]))
 
 
@@ -298,7 +306,7 @@ class Session:
         for step in self.stream(ids, images, sampling, seed):
             out.append(step.token)
             stats = step.stats
-        return Reply(ids, out, parse_output(self.tokenizer, out), stats)
+        return Reply(ids, out, parse_output(self.tokenizer, out, tags=self.reasoning), stats)
 
     def stream(self, ids: list[int], images: list[torch.Tensor], sampling: Sampling | None = None,
                seed: int | None = None, logits: bool = False, prompt_logits: bool = False,
@@ -366,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "filled with its name and the dates)")
     p.add_argument("--messages", help="a JSON file with a conversation in the OpenAI chat format")
     p.add_argument("--tools", help="a JSON file with a tool list in the OpenAI format")
+    p.add_argument("--keep-reasoning", action="store_true", help="a reasoning model's earlier thoughts stay in the "
+                                                                  "prompt (default: left out, as they fill the context)")
     p.add_argument("--interactive", "-i", action="store_true", help="multi-turn chat; '/image PATH' attaches "
                                                                      "an image to the next message")
     add_sampling_flags(p)
@@ -436,7 +446,7 @@ def flag_sampling(args, card: Sampling) -> Sampling:
                     max_tokens=card.max_tokens if args.max_tokens is None else args.max_tokens)
 
 
-def system_prompt(args, folder: Path, name: str) -> str | None:
+def system_prompt(args, folder: Path, name: str) -> str | list[dict] | None:
     if args.system is not None:
         path = Path(args.system)
         return read_text(path, what=f"--system {args.system}") if path.is_file() else args.system
@@ -480,11 +490,12 @@ def user_message(text: str, images: list[str]) -> dict:
 
 
 def respond(session: Session, messages: list[dict], tools, args) -> AssistantOutput:
-    """Answer on the terminal: the text streamed (Magistral's reasoning to stderr), tool calls as
-    JSON, the stats line; and the dump, if asked for. Ctrl-C ends the answer where it is. Under
-    torchrun only rank 0 prints and writes; every rank records, so that all run the same computation."""
-    ids, images = session.encode(messages, tools)
-    text = TextStream(session.tokenizer, write=ReasoningSplit() if session.reasoning else None)
+    """Answer on the terminal: the answer streamed to stdout and a reasoning model's thought to stderr,
+    tool calls as JSON, the stats line; and the dump, if asked for. Earlier thoughts are left out of the
+    prompt unless --keep-reasoning. Ctrl-C ends the answer where it is. Under torchrun only rank 0
+    prints and writes; every rank records, so that all run the same computation."""
+    ids, images = session.encode(messages if args.keep_reasoning else drop_reasoning(messages), tools)
+    text = OutputStream(session.tokenizer, tags=session.reasoning)
     recorder = Recorder(args.dump_hidden) if args.dump else None
     out, stats = [], Stats(prompt_tokens=len(ids))
     steps = session.stream(ids, images, seed=args.seed, prompt_logits=recorder is not None, hidden=args.dump_hidden)
@@ -495,13 +506,13 @@ def respond(session: Session, messages: list[dict], tools, args) -> AssistantOut
             if recorder is not None:
                 recorder.add(step.logits, step.hidden)
             if is_lead():
-                text(step.token)
+                show(text.feed(step.token))
     except KeyboardInterrupt:
         pass
-    output = parse_output(session.tokenizer, out)
+    output = parse_output(session.tokenizer, out, tags=session.reasoning)
     if not is_lead():
         return output
-    text.flush()
+    show(text.close())
     print(flush=True)
     if output.tool_calls:
         print(json.dumps([vars(c) for c in output.tool_calls], ensure_ascii=False, indent=2))
@@ -510,6 +521,12 @@ def respond(session: Session, messages: list[dict], tools, args) -> AssistantOut
         features = session.model.image_features(session.on_device(images)) if images and args.dump_hidden else None
         write_dump(args.dump, ids, out, recorder, features, {"model": args.model})
     return output
+
+
+def show(pieces: list[tuple[str, str]]) -> None:
+    """OutputStream's pieces on the terminal: the thought to stderr, the answer to stdout."""
+    for kind, text in pieces:
+        print(text, end="", flush=True, file=sys.stderr if kind == "reasoning" else sys.stdout)
 
 
 def interactive(session: Session, messages: list[dict], tools, args):
@@ -528,7 +545,7 @@ def interactive(session: Session, messages: list[dict], tools, args):
         messages.append(user_message(line, pending_images))
         pending_images = []
         try:
-            messages.append(respond(session, messages, tools, args).to_message())
+            messages.append(respond(session, messages, tools, args).to_message(reasoning=True))
         except InputError as e:   # a bad /image, a prompt past the context: this turn is dropped
             messages.pop()
             print(f"error: {e} (message dropped)", file=sys.stderr)
