@@ -35,7 +35,7 @@ from config import build_args
 from gguf_header import read_header
 from inputs import InputError
 from model import ModelArgs
-from tokenizer import Tekken
+from tokenizer import TEKKEN_PATTERN, Tekken
 from vision import NORM_EPS, VisionArgs
 
 # ----------------------------------------------------------------------------- the header
@@ -242,10 +242,7 @@ def tied_head(embedding: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------- the tokenizer
 
-# The Tekken pre-tokenizer (tekken.json's config.pattern). A GGUF names it only (tokenizer.ggml.pre "tekken").
-TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
-                  r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
-                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# A GGUF names the Tekken pre-tokenizer only (tokenizer.ggml.pre "tekken"): tokenizer.TEKKEN_PATTERN.
 CONTROL = 3   # tokenizer.ggml.token_type of a control token
 
 
