@@ -7,10 +7,16 @@
     torchrun --nproc_per_node=2 generate.py "Hello"                      # split over 2 GPUs (parallel.py)
     python generate.py --model unsloth/Mistral-Small-3.2-24B-Instruct-2506-GGUF:Q4_K_M "Hello"   # a GGUF
 
-The loop: encode the conversation (chat.py), prefill the prompt once, then sample one token per step
-through the KV cache until </s> or the token limit, streaming the text as it comes. The sampler and
-the loop work on token ids alone; Session adds the files, the tokenizer and the chat layout; the
-command line adds flags, printing and dumps.
+The data flow:
+
+    files -> checkpoint.read_checkpoint -> Checkpoint (config, weight files, tokenizer) -> load_model -> model
+    messages -> chat.encode_chat -> prompt ids + pixels -> stream -> Step, Step, ... -> consumers
+    consumers: Session.complete (a Reply), the terminal (chat.OutputStream), the dump (dump.Recorder), serve.py
+
+`stream` prefills the prompt once, then samples one token per step through the KV cache until </s> or
+the token limit, yielding each token as it is chosen; a consumer stops it by leaving its loop. The
+sampler and the loop work on token ids alone; Session adds the files, the tokenizer and the chat layout;
+the command line adds flags, printing and dumps.
 """
 import argparse
 import functools
