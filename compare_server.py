@@ -307,11 +307,14 @@ class TokenIds:
         return self._by_bytes
 
     def __call__(self, entry: dict) -> int:
-        if isinstance(entry.get("id"), int) and 0 <= entry["id"] < self.tokenizer.n_words:
-            return entry["id"]
-        token = entry.get("token", "")
-        if token.startswith("token_id:"):
-            return int(token[len("token_id:"):])
+        found = entry.get("id")
+        token = entry.get("token") if isinstance(entry.get("token"), str) else ""
+        if re.fullmatch(r"token_id:[0-9]{1,9}", token):
+            found = int(token[len("token_id:"):])
+        if isinstance(found, int) and not isinstance(found, bool):
+            if not 0 <= found < self.tokenizer.n_words:
+                raise InputError(f"the server's token id {found} is outside the reference's vocabulary")
+            return found
         try:
             return self.tokenizer.special_id(token)
         except InputError:
@@ -353,21 +356,56 @@ class Tokens:
 
 
 def identify(token_id: TokenIds, answer: Answer) -> Tokens:
-    """The server's generated tokens, from its ids where their text is the answer's, else from the text."""
+    """The server's generated tokens: the ids it names where their text is the text it answered, or where each
+    is its entry's most likely alternative (at temperature 0, the tokens of a server that names them right: a
+    text that differs is then the parsing layer's business); else the alternatives that spell its text; else
+    its ids unchecked (said so)."""
     if valid_ids(answer.token_ids) and len(answer.token_ids) == len(answer.entries):
         return Tokens([Token(i, entry=e) for i, e in zip(answer.token_ids, answer.entries)], "the answer's token_ids")
     tokens, held = named_tokens(token_id, answer.entries)
-    if tokens is not None and spells(token_id.tokenizer, tokens, answer.content):
-        how = "the ids the server names"
-        return Tokens(tokens, how + (f"; {held} held back inside UTF-8 characters, re-tokenized" if held else ""))
-    found = tokens_by_text(token_id, answer.entries, answer.content)
-    if found is None:
-        return Tokens([], "", "its logprobs do not spell its answer: no token of an entry's alternatives "
-                              "continues the text")
-    wrong = next((k for k, (t, e) in enumerate(zip(found, answer.entries)) if t.id != token_id.maybe(e)), None)
-    said = "" if wrong is None else f" (entry {wrong} names {shown(token_id, token_id.maybe(answer.entries[wrong]))}, " \
-                                    f"its text is {shown(token_id, found[wrong].id)})"
-    return Tokens(found, f"by their text: the entries' ids are not the answer's tokens{said}")
+    text = shown_text(answer)
+    held = f"; {held} held back inside UTF-8 characters, re-tokenized" if held else ""
+    if tokens is not None and squeezed(text) == squeezed(token_text(token_id.tokenizer, tokens)):
+        return Tokens(tokens, "the ids the server names" + held)
+    if tokens is not None and all(top and t.id == max(top, key=top.get) for t in tokens if t.entry is not None
+                                  for top in [token_id.top(t.entry)]):
+        return Tokens(tokens, "the ids the server names, each its top-1, their text not the answer's" + held)
+    found = tokens_by_text(token_id, answer.entries, text)
+    wrong = None if found is None else next(
+        (k for k, (t, e) in enumerate(zip(found, answer.entries)) if t.id != token_id.maybe(e)), None)
+    if found is not None and wrong is None:
+        return Tokens(found, "the ids the server names (their text checked one by one)")
+    if found is not None:
+        return Tokens(found, f"by their text: the entries' ids are not the answer's tokens (entry {wrong} names "
+                             f"{shown(token_id, token_id.maybe(answer.entries[wrong]))}, its text is "
+                             f"{shown(token_id, found[wrong].id)})")
+    if tokens is not None:
+        return Tokens(tokens, "the ids the server names, unchecked: neither they nor the alternatives spell its "
+                              "answer" + held)
+    return Tokens([], "", "its logprobs do not spell its answer: no token of an entry's alternatives continues "
+                          "the text, and the entries name no token of the reference's vocabulary")
+
+
+def shown_text(answer: Answer) -> str:
+    """The text a server shows for its tokens: the content, then each call's name and arguments (what the
+    v11 layout writes after [TOOL_CALLS] and [ARGS]).
+    HOOK (reasoning, Magistral): a server that splits the thinking off shows it in answer.reasoning."""
+    calls = "".join((c["name"] or "") + (c["arguments"] if isinstance(c["arguments"], str) else
+                                         json.dumps(c["arguments"], ensure_ascii=False)) for c in answer.tool_calls)
+    return answer.content + calls
+
+
+def squeezed(text: str | bytes) -> str:
+    """Text without whitespace and replacement characters: what must match for a server's ids to be the
+    tokens of its answer (servers strip whitespace, and count replacement characters differently)."""
+    text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+    return re.sub(r"[\s\ufffd]+", "", text)
+
+
+def replaced(text: str) -> str:
+    """Text with each run of replacement characters as one: how many an invalid UTF-8 sequence becomes is
+    a convention that servers do not share."""
+    return re.sub("\ufffd+", "\ufffd", text)
 
 
 def shown(token_id: TokenIds, i: int | None) -> str:
@@ -395,21 +433,12 @@ def token_text(tokenizer, tokens: list[Token]) -> bytes:
     return b"".join(t.held if t.id is None else tokenizer.token_bytes(t.id) for t in tokens)
 
 
-def spells(tokenizer, tokens: list[Token], content: str) -> bool:
-    """Whether the tokens' text holds the answer's content (the content may stop before tool calls, or
-    start after reasoning). Replacement characters are left out: servers count them differently."""
-    def bare(s):
-        return s.replace("\ufffd", "").strip()
-    return bare(content) in bare(token_text(tokenizer, tokens).decode("utf-8", errors="replace"))
-
-
-def tokens_by_text(token_id: TokenIds, entries: list[dict], content: str, budget: int = 100_000) -> list[Token] | None:
+def tokens_by_text(token_id: TokenIds, entries: list[dict], text: str, budget: int = 100_000) -> list[Token] | None:
     """One token per entry, each an alternative the entry lists (the most likely first), such that their text
-    is the content; tokens past the end of the content (a tool call, </s>) are the entry's most likely.
-    A control token may show as its name or as nothing; the content may have lost the answer's leading and
-    trailing whitespace (the parsing layer says so). A depth-first search over (entry, characters matched,
-    decoder state), bounded in steps."""
-    tok, target = token_id.tokenizer, content.replace("\ufffd", "")
+    is the server's; tokens past its end after a control token (</s>) are the entry's most likely. A control
+    token may show as its name or as nothing; whitespace the server dropped may be missing (the parsing layer
+    says so). A depth-first search over (entry, characters matched, decoder state), bounded in steps."""
+    tok, target = token_id.tokenizer, text.replace("\ufffd", "")
     options = [sorted(token_id.top(e).items(), key=lambda kv: -kv[1]) for e in entries]
     failed, steps = set(), 0
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -429,9 +458,9 @@ def tokens_by_text(token_id: TokenIds, entries: list[dict], content: str, budget
             decoder.setstate(state)
             pieces = ["", tok.special_name(i)] if tok.is_special(i) else [
                 decoder.decode(tok.token_bytes(i)).replace("\ufffd", "")]
-            for piece in dict.fromkeys(pieces + [p.lstrip() for p in pieces] * (at == 0)):
-                if target.startswith(piece, at) or at == len(target) and not piece.strip():
-                    stack.append((k + 1, at + len(piece) * (at < len(target)), decoder.getstate(), chosen + [i]))
+            for piece in dict.fromkeys(pieces + [p.lstrip() for p in pieces]):
+                if target.startswith(piece, at):
+                    stack.append((k + 1, at + len(piece), decoder.getstate(), chosen + [i]))
     return None
 
 
@@ -657,7 +686,7 @@ class Reference:
         # a server that splits the reasoning off answers ours.content; one that does not, the whole text
         # HOOK (reasoning, Magistral): compare answer.reasoning with ours.reasoning here
         want = ours.content if answer.reasoning is not None else self.tokenizer.decode(text_ids)
-        if answer.content != want:
+        if replaced(answer.content) != replaced(want):
             return f"content differs: {self.content_cause(text_ids, want, answer.content)}"
         if len(answer.tool_calls) != len(ours.tool_calls):
             return f"{len(answer.tool_calls)} tool calls, the reference parses {len(ours.tool_calls)}"

@@ -87,7 +87,7 @@ def test_serve_py_conforms_in_every_case(session, reference, capsys):
     assert code == 0 and list(lines) == CASES
     for name, line in lines.items():
         assert line.endswith("conforms"), line
-        assert re.search(r"ok KL max \S+, top-1 16/16", line) and "from /tokenize" not in line
+        assert re.search(r"ok KL max \S+, top-1 16/16", line) and "ok ids" in line
 
 
 def test_perturbed_weights_fail_the_model_layer(reference, tmp_path, capsys):
@@ -148,8 +148,11 @@ def test_tokens_named_by_wrong_ids_are_identified_by_their_text(session):
                 "top_logprobs": [{"id": others[0], "logprob": -3.0}, {"id": i, "logprob": -1.0}]} for i in ids]
     found = identify(token_id, answer(" Paris is nice", entries))
     assert [t.id for t in found.tokens] == ids and "by their text" in found.how and not found.problem
-    # negative control: a text none of the alternatives spells
-    assert identify(token_id, answer(" Rome is nice", entries)).problem
+    # negative controls: a text none of the alternatives spells, then with entries that name nothing
+    unchecked = identify(token_id, answer(" Rome is nice", entries))
+    assert [t.id for t in unchecked.tokens] == [others[0]] * 3 and "unchecked" in unchecked.how
+    nameless = [{**e, "id": None, "token": "token_id:999999999"} for e in entries]
+    assert identify(token_id, answer(" Rome is nice", nameless)).problem
 
 
 def test_held_back_tokens_are_spelled_by_the_reference(session):
