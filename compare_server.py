@@ -593,7 +593,9 @@ class Reference:
             layers["model"].said += " (the prompt was compared by its length only: a prompt that differs in " \
                                     "its ids alone shows here)"
         layers["decoding"] = self.decoding_layer(ids, tops, after, answer.finish)
-        answers = [("", answer)] + [("streamed: ", server.chat(messages, tools, max_tokens, stream=True))] * streamed
+        answers = [("", answer)]
+        if streamed:
+            answers.append(("streamed: ", server.chat(messages, tools, max_tokens, stream=True)))
         layers["parsing"] = self.parsing_layer(ids, answers)
         notes = [f"tokens: {len(ids)}, {found.how}" + (" (the model layer read the server's own prompt)"
                                                        if context is not prompt else "")]

@@ -6,7 +6,9 @@ Every server listens on 127.0.0.1 on a free port and is stopped at the end; ever
 import json
 import os
 import re
-import shutil
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,67 @@ def test_tool_calls_parse_alike_and_double_encoded_arguments_fail_the_parsing_la
         code, lines = suite(url, caller[0], capsys, "--cases", "tools_offered")
     assert code == 1
     assert "departs at the parsing layer: tool call 0: the arguments are double-encoded" in lines["tools_offered"]
+
+
+class VllmSurface(BaseHTTPRequestHandler):
+    """vLLM's way of telling ids, in front of serve.py: no /tokenize, the answer's prompt_token_ids and
+    token_ids (return_token_ids), logprob entries that name tokens by their text alone."""
+    upstream: str
+
+    def do_GET(self):
+        self.relay(urllib.request.Request(self.upstream + self.path))
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/v1/chat/completions":
+            return self.relay(None, 404, {"error": {"message": "Not Found"}})
+        answer = post(self.upstream + self.path, {**body, "return_tokens_as_token_ids": True})
+        entries = answer["choices"][0]["logprobs"]["content"]
+        answer["prompt_token_ids"] = post(self.upstream + "/tokenize", body)["tokens"]
+        answer["choices"][0]["token_ids"] = [int(e["token"].removeprefix("token_id:")) for e in entries]
+        for entry in [e for e in entries] + [t for e in entries for t in e["top_logprobs"]]:
+            entry["token"] = bytes(entry["bytes"]).decode(errors="replace")
+        self.relay(None, 200, answer)
+
+    def relay(self, request, status=200, body=None):
+        if request is not None:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                body = json.loads(response.read())
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_prompt_and_token_ids_from_the_answer_as_vllm_tells_them(session, reference, capsys):
+    with serving(session) as upstream:
+        handler = type("Handler", (VllmSurface,), {"upstream": upstream})
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{proxy.server_address[1]}"
+            code = compare_server.main([url, "--model", str(reference[0]), "--dtype", "float32", "--device", "cpu",
+                                        "--prompt", "What is [INST]?", "--max-tokens", "8"])
+        finally:
+            proxy.shutdown()
+            proxy.server_close()
+            thread.join(timeout=10)
+    out, err = capsys.readouterr()
+    print(out, err)
+    assert code == 0 and "verdict             conforms" in out
+    assert "from the answer's prompt_token_ids" in out and "tokens: 8, the answer's token_ids" in out
 
 
 # ----------------------------------------------------------------------------- how servers name their tokens
