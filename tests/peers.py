@@ -43,12 +43,15 @@ def write_hf(folder: Path, weights: dict, params: dict, template: str) -> Path:
     return folder
 
 
-def to_gguf(hf: Path, converter: Path, out: Path) -> tuple[Path, Path]:
-    """(model.gguf, mmproj.gguf) in float32, written by llama.cpp's convert_hf_to_gguf.py."""
+def to_gguf(hf: Path, native: Path, converter: Path, out: Path) -> tuple[Path, Path]:
+    """(model.gguf, mmproj.gguf) in float32, written by llama.cpp's convert_hf_to_gguf.py: the text model
+    from the Hugging Face layout (its chat template included), the vision file from the native layout
+    (--mistral-format): from the Hugging Face layout, this llama.cpp (0c1e570) drops every language_model.*
+    tensor of the vision file, the [IMG_BREAK] embedding it needs among them, and llama-server refuses it."""
     model, mmproj = out / "model-f32.gguf", out / "mmproj-f32.gguf"
-    for extra, path in (([], model), (["--mmproj"], mmproj)):
-        subprocess.run([sys.executable, str(converter), str(hf), "--outtype", "f32", "--outfile", str(path), *extra],
-                       check=True, capture_output=True, timeout=300)
+    for args in ([str(hf), "--outfile", str(model)], [str(native), "--mistral-format", "--mmproj", "--outfile", str(mmproj)]):
+        subprocess.run([sys.executable, str(converter), *args, "--outtype", "f32"], check=True, capture_output=True,
+                       timeout=300)
     return model, mmproj
 
 
