@@ -104,6 +104,20 @@ def test_perturbed_weights_fail_the_model_layer(reference, tmp_path, capsys):
         assert "departs at the model layer: KL max" in line and "ok ids" in line, line
 
 
+def test_a_token_other_than_the_argmax_fails_the_decoding_layer(reference, session, monkeypatch, capsys):
+    """serve.py whose sampler takes the second most likely token at the third step, temperature 0 or not."""
+    real, steps = generate.sample, []
+
+    def sample(logits, s, generator=None):
+        steps.append(1)
+        return logits.topk(2).indices[..., 1].reshape(1) if len(steps) == 3 else real(logits, s, generator)
+    monkeypatch.setattr(generate, "sample", sample)
+    with serving(session) as url:
+        code, lines = suite(url, reference[0], capsys, "--cases", "plain_text")
+    assert code == 1 and "departs at the decoding layer: position 2: took" in lines["plain_text"]
+    assert "ok KL max" in lines["plain_text"]
+
+
 class InjectingSession(generate.Session):
     """serve.py as a server whose template injects a system prompt when the conversation has none."""
 
