@@ -586,7 +586,7 @@ class Reference:
         images = [im.to(model.output.weight.device, model.output.weight.dtype) for im in images]
         tokens, rows, after = teacher_force(model, self.token_id.by_bytes, context, images, found.tokens)
         ids = [t.id for t in tokens]
-        tops = [self.token_id.top(t.entry) if t.entry is not None else None for t in tokens]
+        tops = [(self.token_id.top(t.entry) or None) if t.entry is not None else None for t in tokens]
         positions = [None if top is None else compare_position(i, top, row) for i, top, row in zip(ids, tops, rows)]
         layers["model"] = self.model_layer(ids, tops, rows, positions)
         if layers["model"].ok is False and layers["prompt"].ok and theirs is None:
