@@ -96,7 +96,7 @@ def local_files(model: str, mmproj=None) -> tuple[Path, Path | None]:
         choice = Path(mmproj)
     hub_quant = HUB_QUANT.fullmatch(model) and not Path(model).exists()
     if not (model.endswith(".gguf") or hub_quant):
-        if choice:
+        if choice or named in MMPROJ_TYPES:
             raise InputError(f"mmproj={mmproj}: only a GGUF model takes an mmproj; the model folder {model} holds "
                              f"its vision encoder in its own weights")
         return resolve_model(model), None

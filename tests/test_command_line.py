@@ -85,7 +85,7 @@ def test_messages_take_the_prompt_the_image_and_the_system_prompt(repo, tokenize
     (lambda repo, chat: ["--messages", str(repo / "chat.json"), "--image", str(repo / "photo.png")],
      "--image with --messages goes with a prompt"),
     (lambda repo, chat: ["--messages", str(chat), "--system", "Be brief"], "--system and the system message of"),
-    (lambda repo, chat: ["--mmproj", "F16", "hi"], "--mmproj F16: a vision file is for a GGUF model"),
+    (lambda repo, chat: ["--mmproj", "F16", "hi"], "--mmproj F16: only a GGUF model takes an mmproj"),
 ])
 def test_combinations_that_cannot_take_effect_are_refused(repo, tmp_path, monkeypatch, capsys, flags, message):
     chat = tmp_path / "with_system.json"
@@ -194,8 +194,17 @@ def test_the_chat_in_a_terminal(terminal, tokenizer):
     ids, text = dumped_prompt(dump, tokenizer)
     assert text.endswith("Again") and "Hello" not in text and IMG not in ids, repr(text)   # a new conversation
 
-    os.write(fd, b"\x03")                                          # Ctrl-C at the prompt: still here
-    read_until(fd, rb"Ctrl-D or /exit leaves.*\r?\n(\r?\n)?> $")
+    # Ctrl-C at the prompt: still here. (A SIGINT that lands just before readline waits for input is
+    # only seen with the next key, CPython's readline loop: pressed again after a while, as a person would.)
+    for _ in range(5):
+        os.write(fd, b"\x03")
+        try:
+            read_until(fd, rb"Ctrl-D or /exit leaves.*\r?\n(\r?\n)?> $", 5)
+            break
+        except AssertionError:
+            assert proc.poll() is None, "Ctrl-C at the prompt ended the chat"
+    else:
+        pytest.fail("Ctrl-C at the prompt: no answer")
     os.write(fd, b"\x04")                                          # Ctrl-D: the end
     assert proc.wait(timeout=30) == 0
 
@@ -269,8 +278,8 @@ def test_errors_name_python_arguments_from_python_and_flags_from_the_command_lin
             ({"model": "./no/such/folder"}, "model=./no/such/folder: no such folder", "--model ./no/such/folder:"),
             ({"model": str(tmp_path / "m.gguf"), "mmproj": str(missing)}, f"mmproj={missing}: no such file",
              f"--mmproj {missing}: no such file"),
-            ({"model": str(repo), "mmproj": "F16"}, "mmproj=F16: a vision file is for a GGUF model",
-             "--mmproj F16: a vision file is for a GGUF model")]:
+            ({"model": str(repo), "mmproj": "F16"}, "mmproj=F16: only a GGUF model takes an mmproj",
+             "--mmproj F16: only a GGUF model takes an mmproj")]:
         with pytest.raises(InputError) as error:
             generate.Session(**kwargs)
         assert python in str(error.value) and "--" not in str(error.value), error.value

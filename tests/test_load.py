@@ -136,7 +136,7 @@ def test_a_nan_in_a_gguf_float_tensor_is_refused_naming_it(tmp_path, name, types
 
 def test_an_mmproj_with_a_model_folder_is_refused(files):
     native, gguf, _ = files
-    with pytest.raises(InputError, match=r"--mmproj .*mmproj-F32.gguf: only a GGUF model takes an mmproj"):
+    with pytest.raises(InputError, match=r"mmproj=.*mmproj-F32.gguf: only a GGUF model takes an mmproj"):
         checkpoint.read_checkpoint(str(native), mmproj=str(gguf.parent / "mmproj-F32.gguf"))
     assert checkpoint.read_checkpoint(str(native), mmproj="none").vision is not None   # its own tower
 
@@ -150,6 +150,6 @@ def test_one_hub_failure_message_for_a_model_and_a_quant(monkeypatch):
         with pytest.raises(InputError) as error:
             checkpoint.read_checkpoint(model)
         message = str(error.value)
-        assert message.startswith(f"--model {model}: could not get the files from the Hugging Face hub (OSError: "
+        assert message.startswith(f"model={model}: could not get the files from the Hugging Face hub (OSError: "
                                   f"network unreachable)")
         assert f"--include {include}" in message and "--local-dir DIR" in message
