@@ -93,7 +93,6 @@ class Engine:
         self.incoming: queue.Queue = queue.Queue()   # submitted sequences; None closes
         self.waiting: deque[Sequence] = deque()     # taken from `incoming`, not yet admitted
         self.rows: list[Row] = []                    # rows[b] holds row b of the cache
-        self.length = 0                              # positions per row of the cache so far
         self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
         self.thread.start()
 
@@ -195,11 +194,11 @@ class Engine:
         sequence.out.put(Step(token, logits if sequence.logits or sequence.prompt_logits else None, None, stats))
         row.token = token
         if token in self.stop_ids or stats.generated_tokens == sequence.max_tokens:
-            sequence.out.put(None)
             self.leave(b)
 
     def leave(self, b: int):
-        """Free row b: the last row moves into it."""
+        """End row b's answer and free the row: the last row moves into it."""
+        self.rows[b].sequence.out.put(None)
         last = len(self.rows) - 1
         if b < last:
             self.move(last, b)
@@ -215,18 +214,18 @@ class Engine:
             cache.v[target, :, :n] = cache.v[source, :, :n]
 
     def reserve(self, n: int):
-        """A cache of at least n positions per row, what it holds kept: grown to twice its length, or
-        more if n needs it, up to max_len."""
-        if n <= self.length:
-            return
+        """A cache of max_batch rows of at least n positions, what it holds kept: grown to twice its
+        length, or more if n needs it, up to max_len."""
         model = self.session.load()
-        length = min(self.max_len, max(2 * self.length, -(-n // GROWTH) * GROWTH))
-        old = [(layer.attention.cache.k, layer.attention.cache.v) for layer in model.layers] if self.length else []
-        model.setup_cache(self.max_batch, length)
+        cache = model.layers[0].attention.cache
+        length = cache.k.shape[2] if cache is not None and cache.k.shape[0] == self.max_batch else 0
+        if n <= length:
+            return
+        old = [(layer.attention.cache.k, layer.attention.cache.v) for layer in model.layers] if length else []
+        model.setup_cache(self.max_batch, min(self.max_len, max(2 * length, -(-n // GROWTH) * GROWTH)))
         for layer, (k, v) in zip(model.layers, old):
-            layer.attention.cache.k[:, :, :self.length] = k
-            layer.attention.cache.v[:, :, :self.length] = v
-        self.length = length
+            layer.attention.cache.k[:, :, :length] = k
+            layer.attention.cache.v[:, :, :length] = v
 
     def device(self) -> torch.device:
         return self.session.load().output.weight.device

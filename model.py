@@ -113,7 +113,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask=None, pos=None):
-        """x [B, S, D]; cos, sin [S, Dh/2] -> [B, S, D].
+        """x [B, S, D]; cos, sin [S, Dh/2] or [B, S, Dh/2] -> [B, S, D].
         pos [S] or [B, S]: the positions of x, where its keys and values are written into the cache.
         mask bool [S, L] or [B, 1, S, L] (True = attend): attend to the first L cache positions. None:
         attend to the keys of x alone (causal in the text model, every patch in the tower)."""
