@@ -130,7 +130,8 @@ class Engine:
 
     def admit(self, sequence: Sequence):
         """Prefill a newcomer in row 0 and sample its first token; a failure is its own."""
-        if sequence.cancelled.is_set():
+        if sequence.cancelled.is_set():   # left while it waited
+            sequence.out.put(None)
             return
         generator = None if sequence.seed is None else torch.Generator(self.device()).manual_seed(sequence.seed)
         row = Row(sequence, 0, len(sequence.ids), generator, Stats(prompt_tokens=len(sequence.ids)),

@@ -11,8 +11,9 @@
 
 Threads: http.server gives each connection a thread, which reads and checks the request and encodes
 the conversation (fetching and preprocessing its images); the prompt then goes to the one thread that
-owns the model (batch.Engine), which answers up to --max-batch requests at once, and the request's
-thread turns the steps that come back into text, logprobs and tool calls and sends them.
+owns the model (batch.Engine), which answers up to --max-batch requests at once. A thread of each
+answer's own turns the steps that come back into text, logprobs and tool calls as they come, and the
+request's thread sends them.
 """
 import argparse
 import hmac
@@ -20,6 +21,7 @@ import io
 import itertools
 import json
 import math
+import queue
 import re
 import socket
 import sys
@@ -30,7 +32,7 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -199,7 +201,7 @@ class Failed:
 
 
 class Answer:
-    """One answer as it is generated, on the request's thread: the text decoded token by token, cut at a
+    """One answer as it is generated, on its own thread: the text decoded token by token, cut at a
     stop string and held back where one may begin; the logprobs."""
 
     def __init__(self, tokenizer, request: Request, tool_calls: bool = True):
@@ -214,7 +216,7 @@ class Answer:
     def add(self, step: Step) -> Delta:
         """A generated token -> what to send for it."""
         self.ids.append(step.token)
-        entries = [self.logprob(step.token, step.logits[-1])] if self.request.top_logprobs is not None else []
+        entries = self.entries([step.token], step.logits[-1:]) if self.request.top_logprobs is not None else []
         self.logprobs += entries
         self.in_calls = self.in_calls or step.token == self.calls_marker
         if not self.in_calls:
@@ -235,14 +237,14 @@ class Answer:
         piece, self.sent = self.text[self.sent:end], end
         return piece
 
-    def logprob(self, token: int, logits: torch.Tensor) -> dict:
-        """The entry of `token` sampled from logits [V] (raw: logprobs before temperature)."""
-        logprobs = logits.float().log_softmax(-1)
+    def entries(self, tokens: list[int], logits: torch.Tensor) -> list[dict]:
+        """The logprob entries of `tokens`, each drawn from its row of logits [n, V] (raw: before temperature)."""
+        logprobs = logits.float().log_softmax(-1)                                            # [n, V]
+        chosen = logprobs.gather(-1, torch.tensor(tokens, dtype=torch.long, device=logprobs.device)[:, None])[:, 0].tolist()
         top = logprobs.topk(self.request.top_logprobs) if self.request.top_logprobs else None
-        entry = self.token_entry(token, logprobs[token].item())
-        entry["top_logprobs"] = [] if top is None else [
-            self.token_entry(i, lp) for i, lp in zip(top.indices.tolist(), top.values.tolist())]
-        return entry
+        tops = zip(top.indices.tolist(), top.values.tolist()) if top is not None else [([], [])] * len(tokens)
+        return [{**self.token_entry(token, logprob), "top_logprobs": [self.token_entry(i, lp) for i, lp in zip(*best)]}
+                for token, logprob, best in zip(tokens, chosen, tops)]
 
     def token_entry(self, token: int, logprob: float) -> dict:
         special = self.tokenizer.is_special(token)
@@ -273,32 +275,35 @@ def tool_call(call: ToolCall) -> dict:
 
 @dataclass
 class Job:
-    """An encoded chat request; once started, `events` are what to send for it, in order: Delta per
-    token, then Done or Failed. Closing `events` (the client is gone) cancels the answer."""
+    """An encoded request; its answer's thread sends on `events` (Delta ..., then Done or Failed)."""
     ids: list[int]
     images: list[torch.Tensor]
     request: Request
-    events: Iterator[Delta | Done | Failed] | None = None
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)   # set when the client is gone
 
     def start(self, engine: Engine):
-        """Submit the prompt to the engine (refused there if it cannot fit)."""
+        """Submit the prompt to the engine (refused there if it cannot fit); a thread of the answer's own
+        turns its steps into events as they come, so that no step's logits wait for a slow client."""
         sequence = engine.submit(self.ids, self.images, self.request.sampling, self.request.seed,
                                  logits=self.request.top_logprobs is not None)
-        self.events = self.answer(engine.session.tokenizer, sequence)
+        threading.Thread(target=self.run, args=(engine.session.tokenizer, sequence), daemon=True).start()
 
-    def answer(self, tokenizer, sequence: Sequence) -> Iterator[Delta | Done | Failed]:
+    def run(self, tokenizer, sequence: Sequence):
         try:
             answer = Answer(tokenizer, self.request)
-            with closing(sequence.steps()) as steps:
+            with closing(sequence.steps()) as steps:   # leaving the loop cancels the sequence
                 for step in steps:
-                    yield answer.add(step)
+                    if self.cancelled.is_set():  # the client is gone
+                        break
+                    self.events.put(answer.add(step))
                     if answer.stopped:
                         break
             last, final = answer.finish(len(self.ids))
-            yield last
-            yield Done(final)
+            self.events.put(last)
+            self.events.put(Done(final))
         except Exception as e:   # reported by the request's thread
-            yield Failed(e)
+            self.events.put(Failed(e))
 
 
 # ----------------------------------------------------------------------------- completions (the legacy API)
@@ -324,7 +329,7 @@ def read_completion(body: dict, tokenizer, card: Sampling, default_seed: int | N
     max_tokens = sampling_option(body, "max_tokens", int, DEFAULT_COMPLETION_TOKENS, also=0)
     if max_tokens == 0 and not echo:
         raise HTTPError(400, "max_tokens 0 needs echo: true (the prompt scored, nothing generated)", param="max_tokens")
-    shared = {key: value for key, value in body.items() if key not in ("logprobs", "top_logprobs", "messages")}
+    shared = {key: value for key, value in body.items() if key not in ("logprobs", "top_logprobs")}
     request = read_request({**shared, "max_tokens": max(max_tokens, 1), "max_completion_tokens": None}, card,
                            default_seed)
     request.top_logprobs = logprobs
@@ -365,7 +370,7 @@ def completion_pieces(answer: Answer, completion: Completion, ids: list[int], se
                 entries = None
                 if with_logprobs:   # step.logits [S, V]: row i is the distribution of ids[i + 1]
                     first = {"token": answer.token_entry(ids[0], 0.0)["token"], "logprob": None}
-                    entries = [first] + [answer.logprob(t, row) for t, row in zip(ids[1:], step.logits)]
+                    entries = [first] + answer.entries(ids[1:], step.logits[:-1])
                 yield piece(text, entries, offsets)
                 start = len(text)
             if completion.score_only:
@@ -404,6 +409,27 @@ def merge_pieces(pieces: list[dict]) -> dict:
     logprobs = [p["logprobs"] for p in pieces if p["logprobs"] is not None]
     return {"text": "".join(p["text"] for p in pieces), "finish_reason": pieces[-1]["finish_reason"],
             "logprobs": {key: [x for lp in logprobs for x in lp[key]] for key in logprobs[0]} if logprobs else None}
+
+
+def in_thread(items: Iterator) -> Iterator:
+    """The items of `items`, made from now on in a thread of their own, as fast as they come."""
+    out = queue.Queue()
+
+    def run():
+        try:
+            for item in items:
+                out.put(item)
+            out.put(None)
+        except Exception as e:   # raised where the items are read
+            out.put(e)
+
+    def received():
+        while (item := out.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    threading.Thread(target=run, daemon=True).start()
+    return received()
 
 
 def text_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
@@ -610,8 +636,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def tokenizer_info(self):
         tokenizer = self.server.session.tokenizer
-        self.send_json(200, {"tokenizer_class": type(tokenizer).__name__, "bos_token": "<s>", "eos_token": "</s>",
-                             "model_max_length": self.server.engine.max_len})
+        self.send_json(200, {"tokenizer_class": type(tokenizer).__name__, "model_max_length": self.server.engine.max_len,
+                             "bos_token": tokenizer.special_name(tokenizer.bos_id),
+                             "eos_token": tokenizer.special_name(tokenizer.eos_id)})
 
     def chat_completions(self):
         body = self.read_body()
@@ -620,14 +647,14 @@ class Handler(BaseHTTPRequestHandler):
         job = Job(*self.server.session.encode(request.messages, request.tools), request)
         job.start(self.server.engine)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.server.model_id}
-        event = next(job.events)
+        event = job.events.get()
         if isinstance(event, Failed):        # before any token: an ordinary error response
             raise event.error
         if request.stream:
             self.stream(job, head, event)
             return
         while not isinstance(event, Done):
-            event = next(job.events)
+            event = job.events.get()
             if isinstance(event, Failed):
                 raise event.error
         final = event.final
@@ -664,7 +691,7 @@ class Handler(BaseHTTPRequestHandler):
             while isinstance(event, Delta):
                 if event.text or event.logprobs:
                     send(chunk({"content": event.text} if event.text else {}, event.logprobs))
-                event = next(job.events)
+                event = job.events.get()
             if isinstance(event, Failed):
                 status, body = error_body(event.error)
                 if status >= 500:
@@ -681,7 +708,7 @@ class Handler(BaseHTTPRequestHandler):
                     send({**head, "object": "chat.completion.chunk", "choices": [], "usage": final.usage})
             send("[DONE]")
         except DISCONNECTED:
-            job.events.close()    # the engine drops the answer at its next step
+            job.cancelled.set()   # the answer's thread stops at the next token, the engine drops it
 
     def completions(self):
         """OpenAI's legacy completions as vLLM serves them: each prompt of a batch is its own choice,
@@ -696,7 +723,7 @@ class Handler(BaseHTTPRequestHandler):
                 sequences.append(engine.submit(ids, [], request.sampling, request.seed,
                                                logits=request.top_logprobs is not None, prompt_logits=echo_logprobs))
             answers = [Answer(session.tokenizer, request, tool_calls=False) for _ in sequences]
-            choices = [completion_pieces(answer, completion, ids, sequence)
+            choices = [in_thread(completion_pieces(answer, completion, ids, sequence))   # no logits wait for us
                        for answer, ids, sequence in zip(answers, completion.prompts, sequences)]
             head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                     "model": self.server.model_id}

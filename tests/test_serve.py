@@ -390,6 +390,8 @@ def test_completions_echo_and_logprobs_are_the_models_own(client, session, repo)
     assert as_ids.text == choice.text and as_ids.logprobs.tokens == [f"token_id:{t}" for t in every]
     assert as_ids.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:len(every)], abs=1e-5)
     assert all(top is None or list(top) == [f"token_id:{t}"] for top, t in zip(as_ids.logprobs.top_logprobs, every))
+    alone = client.completions.create(model=MODEL_ID, prompt=[tok.bos_id], echo=True, logprobs=2, max_tokens=0)
+    assert alone.choices[0].logprobs.tokens == ["<s>"] and alone.choices[0].logprobs.token_logprobs == [None]
 
 
 def test_completions_batch_stream_stop_and_seed(client, session):
