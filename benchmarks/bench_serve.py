@@ -1,6 +1,6 @@
 """Throughput of serve.py under concurrent clients (continuous batching), on the CPU, float32.
 
-    python benchmarks/bench_serve.py                          # 1, 4 and 8 clients (about 3 minutes, 2 cores)
+    python benchmarks/bench_serve.py                          # 1, 4 and 8 clients (about a minute, 2 cores)
     python benchmarks/bench_serve.py --clients 1 2 4 8 16 --max-batch 16
 
 The tests' tiny random model (tests/checkpoints.py: 48 wide, 2 layers, the real vocabulary of 131072 and
