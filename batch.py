@@ -100,8 +100,8 @@ class Engine:
                logits: bool = False, prompt_logits: bool = False) -> Sequence:
         """Queue a prompt; its answer ends after </s>, after sampling.max_tokens tokens, or at max_len."""
         if len(ids) >= self.max_len:
-            raise InputError(f"the prompt is {len(ids)} tokens, more than the {self.max_len} positions a sequence "
-                             f"may take here (prompt and answer; see --max-model-len)")
+            raise InputError(f"the prompt is {len(ids)} tokens, and a sequence may take {self.max_len} positions "
+                             f"here, prompt and answer (the model's context, or --max-model-len): no room for an answer")
         room = self.max_len - len(ids)
         sequence = Sequence(ids, images, sampling, min(sampling.max_tokens or room, room), seed, logits,
                             prompt_logits)

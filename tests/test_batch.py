@@ -154,7 +154,7 @@ def test_a_prompt_over_max_len_is_refused_and_answers_end_there(session):
     engine = batch.Engine(session, max_batch=2, max_len=40)
     try:
         tok = session.tokenizer
-        with pytest.raises(InputError, match="more than the 40 positions"):
+        with pytest.raises(InputError, match="a sequence may take 40 positions here"):
             engine.submit(tok.encode("word " * 40, bos=True), [], GREEDY)
         ids = tok.encode("Hello", bos=True)
         assert len(list(engine.submit(ids, [], Sampling(0.0, max_tokens=1000)).steps())) == 40 - len(ids)

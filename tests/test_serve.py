@@ -486,7 +486,7 @@ def bad_inputs(repo) -> list:
         ("completion, logprobs true", "POST", "/v1/completions", {"prompt": "hi", "logprobs": True}, 400,
          "logprobs must be an integer from 0 to 20"),
         ("completion, prompt over the context", "POST", "/v1/completions", {"prompt": "word " * 400}, 400,
-         "more than the 300 positions"),
+         "a sequence may take 300 positions here"),
         ("completion, n = 2", "POST", "/v1/completions", {"prompt": "hi", "n": 2}, 400, "n must be 1"),
         ("detokenize a text", "POST", "/detokenize", {"tokens": "abc"}, 400, "tokens must be a list of token ids"),
         ("detokenize an id out of range", "POST", "/detokenize", {"tokens": [200000]}, 400,
