@@ -23,6 +23,7 @@ from pathlib import Path
 import huggingface_hub
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
@@ -31,6 +32,7 @@ from gguf_file import load_gguf_weights, read_gguf_config
 from inputs import InputError, MissingFileError, read_json, regular_file
 from model import ModelArgs, Transformer
 from parallel import as_shard, parallelize, shard_region
+from quant_formats import Format, Packed, PackedEmbedding, PackedLinear, gather, read_format
 from vision import VisionArgs, VisionLanguageModel
 
 
@@ -86,6 +88,7 @@ class Checkpoint:
     args: ModelArgs
     vision: VisionArgs | None
     index: dict | None = None   # Hugging Face: tensor name -> file, from model.safetensors.index.json
+    quant: Format | None = None # Hugging Face: the quantization config.json names (MLX, bitsandbytes, compressed-tensors)
 
 
 def read_checkpoint(folder: Path, mmproj=None) -> Checkpoint:
@@ -96,16 +99,17 @@ def read_checkpoint(folder: Path, mmproj=None) -> Checkpoint:
         return Checkpoint("gguf", files[0], files, args, vision)
     # lexists: a params.json that is a FIFO or a symlink loop is named as such by read_json.
     if os.path.lexists(folder / "params.json"):
-        config, layout = folder / "params.json", "native"
+        config, layout, quant = folder / "params.json", "native", None
         args, vision = parse_params(read_json(config), str(config))
     elif os.path.lexists(folder / "config.json"):
         config, layout = folder / "config.json", "hf"
-        args, vision = parse_hf_config(read_json(config), str(config))
+        quant, hf_config = read_format(read_json(config), str(config))
+        args, vision = parse_hf_config(hf_config, str(config))
     else:
         raise MissingFileError(f"{folder}: no params.json (native layout) or config.json (Hugging Face "
                                f"layout) found; expected an official Mistral checkpoint folder")
     files, index = weight_files(folder, layout)
-    return Checkpoint(layout, config, files, args, vision, index)
+    return Checkpoint(layout, config, files, args, vision, index, quant)
 
 
 # The weight files of each layout: one file, or a complete numbered set (k of n for k = 1..n).
@@ -177,56 +181,75 @@ def _read_tensors(checkpoint: Checkpoint, expected: dict, dtype, device, check_f
     (name -> the model's tensor on the meta device: its shape and, split by parallel.py, the slice
     that this rank holds), cast to dtype and placed on device one at a time. A tensor held twice (in
     two files, or under two names of the Hugging Face layout), in another file than the index says, of
-    an integer dtype or (check_finite) with a NaN or an infinity is an error naming it."""
-    state, layout, files = {}, checkpoint.layout, checkpoint.files
+    an integer dtype or (check_finite) with a NaN or an infinity is an error naming it. A quantized
+    layer (checkpoint.quant) comes as one quant_formats.Packed of all its stored tensors, left as stored."""
+    state, layout = {}, checkpoint.layout
     seen: dict[str, tuple[Path, str]] = {}   # native name -> where it was read
-    progress = loading_bar(len(expected), files[0].parent.name)
-    for path in files:
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                keys = list(f.keys())
-            for key in keys:
-                name = key if layout == "native" else hf_to_native_name(key)
-                if name not in expected:
-                    raise InputError(f"{path}: unexpected tensor {key!r}: the model that the folder's "
-                                     f"config describes has no such weight")
-                if name in seen:
-                    raise InputError(f"tensor {key!r} of {path} is also in {seen[name][0]} (as {seen[name][1]!r}): "
-                                     f"a weight must be stored once")
-                if checkpoint.index is not None and checkpoint.index.get(key) != path.name:
-                    raise InputError(f"{path}: holds tensor {key!r}, which the index puts in "
-                                     f"{checkpoint.index.get(key)!r}")
-                seen[name] = (path, key)
-                t, like = _mapped_tensor(path, key), expected[name]
-                if t.shape != like.shape:
-                    raise InputError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                     f"expected {tuple(like.shape)}")
-                if not t.dtype.is_floating_point:
-                    raise InputError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected a floating-point "
-                                     f"type (bfloat16, float16 or float32)")
-                region = shard_region(like)
-                if region is not None:
-                    # Only the slice's pages are read (all of them for a column slice, then unmapped);
-                    # the copy gives the shard memory of its own, not a view into the whole tensor's map.
-                    dim, start, length = region
-                    t = t.narrow(dim, start, length).clone()
-                placed = _place(t, name, checkpoint, dtype, device)
-                if check_finite:
-                    _check_finite(placed, path, key, converted=placed.dtype != t.dtype)
-                state[name] = placed if region is None else as_shard(placed, like)
-                del t   # unmaps a converted tensor's pages now
-                progress.update()
-        except SafetensorError as e:
-            raise InputError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
+    where = _tensor_files(checkpoint)
+    progress = loading_bar(len(expected), checkpoint.files[0].parent.name)
+    for key, stored, t in gather(checkpoint.quant, list(where), lambda k: _mapped_tensor(where[k], k)):
+        path = where[stored]
+        name = key if layout == "native" else hf_to_native_name(key)
+        if name not in expected:
+            raise InputError(f"{path}: unexpected tensor {key!r}: the model that the folder's "
+                             f"config describes has no such weight")
+        if name in seen:
+            raise InputError(f"tensor {key!r} of {path} is also in {seen[name][0]} (as {seen[name][1]!r}): "
+                             f"a weight must be stored once")
+        seen[name] = (path, key)
+        like = expected[name]
+        if tuple(t.shape) != tuple(like.shape):
+            raise InputError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
+        if isinstance(t, Packed):
+            for part, b in t.named_buffers():
+                if check_finite and b.is_floating_point():
+                    _check_finite(b, path, f"{key} ({part})", converted=False)
+            state[name] = t   # load_model puts it in place of its layer
+            progress.update()
+            continue
+        if not t.dtype.is_floating_point:
+            raise InputError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected a floating-point "
+                             f"type (bfloat16, float16 or float32)")
+        region = shard_region(like)
+        if region is not None:
+            # Only the slice's pages are read (all of them for a column slice, then unmapped);
+            # the copy gives the shard memory of its own, not a view into the whole tensor's map.
+            dim, start, length = region
+            t = t.narrow(dim, start, length).clone()
+        placed = _place(t, name, checkpoint, dtype, device)
+        if check_finite:
+            _check_finite(placed, path, key, converted=placed.dtype != t.dtype)
+        state[name] = placed if region is None else as_shard(placed, like)
+        del t   # unmaps a converted tensor's pages now
+        progress.update()
     progress.close()
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise InputError(f"{files[0].parent}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if checkpoint.index is not None:
-        absent = sorted(set(checkpoint.index) - {key for _, key in seen.values()})
-        if absent:
-            raise InputError(f"{files[0].parent}: {HF_INDEX} lists tensor(s) {absent[:5]} that no file holds")
+        raise InputError(f"{checkpoint.files[0].parent}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return state
+
+
+def _tensor_files(checkpoint: Checkpoint) -> dict[str, Path]:
+    """The file of every tensor (key -> path; no tensor is read): each stored once, where the index says."""
+    where: dict[str, Path] = {}
+    for path in checkpoint.files:
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+        except SafetensorError as e:
+            raise InputError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
+        for key in keys:
+            if key in where:
+                raise InputError(f"tensor {key!r} of {path} is also in {where[key]}: a weight must be stored once")
+            if checkpoint.index is not None and checkpoint.index.get(key) != path.name:
+                raise InputError(f"{path}: holds tensor {key!r}, which the index puts in "
+                                 f"{checkpoint.index.get(key)!r}")
+            where[key] = path
+    if checkpoint.index is not None:
+        absent = sorted(set(checkpoint.index) - set(where))
+        if absent:
+            raise InputError(f"{checkpoint.files[0].parent}: {HF_INDEX} lists tensor(s) {absent[:5]} that no file holds")
+    return where
 
 
 def loading_bar(total: int, name: str) -> tqdm:
@@ -250,8 +273,11 @@ def _mapped_tensor(path: Path, key: str) -> torch.Tensor:
     """One tensor of the file, memory-mapped (nothing is read until used) through a map of its own:
     when the tensor is converted or moved, dropping it unmaps its pages, so that no more than one
     tensor is ever held twice while loading."""
-    with safe_open(path, framework="pt", device="cpu") as f:
-        return f.get_tensor(key)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+    except SafetensorError as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
 
 
 def _place(t: torch.Tensor, name: str, checkpoint: Checkpoint, dtype, device) -> torch.Tensor:
@@ -304,10 +330,33 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, mesh: Devic
                               lambda name, t: _place(t, name, checkpoint, dtype, device), progress)
         return model.eval()
     if mesh is not None:
+        if checkpoint.quant is not None:
+            raise InputError(f"{folder}: tensor parallel (parallel.py) is not implemented for quantized checkpoints")
         parallelize(model, mesh)   # still on meta: the split weights become DTensors of their slices
     state = _read_tensors(checkpoint, model.state_dict(), dtype, device, check_finite)
+    for name, t in list(state.items()):
+        if isinstance(t, Packed):
+            state.update(_packed_layer(model, name, state.pop(name), checkpoint, dtype, device))
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+def _packed_layer(model: Transformer, name: str, packed: Packed, checkpoint: Checkpoint, dtype, device) -> dict:
+    """Put a quantized weight in place: its nn.Linear / nn.Embedding (without bias) becomes a PackedLinear /
+    PackedEmbedding holding it as stored (a Hugging Face wq / wk reorders its outputs to the native rows);
+    anything else gets the weight dequantized. Returns the state entries of what it put there."""
+    module_name = name.removesuffix(".weight")
+    module = model.get_submodule(module_name)
+    if not isinstance(module, (nn.Linear, nn.Embedding)) or getattr(module, "bias", None) is not None:
+        return {name: _place(packed.unpack(), name, checkpoint, dtype, device)}
+    order = None
+    if checkpoint.layout == "hf" and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+        rows = packed.shape[0]
+        order = unpermute_rotary(torch.arange(rows).view(rows, 1), _rotary_heads(name, rows, checkpoint)).view(rows)
+    layer = (PackedEmbedding if isinstance(module, nn.Embedding) else PackedLinear)(packed, dtype, order).to(device)
+    parent, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
+    return {f"{module_name}.{key}": t for key, t in layer.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- finding the files and the device
