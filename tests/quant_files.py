@@ -16,13 +16,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoints import hf_text_model
+from checkpoints import hf_mistral3_model, hf_text_model
 from tekken_files import special_list, write_tekken
 
 
 def write_hf(folder: Path, weights: dict, params: dict) -> Path:
-    """The tiny model as transformers saves a MistralForCausalLM in bfloat16 (the quantizers' input)."""
-    hf_text_model(weights, params).to(torch.bfloat16).save_pretrained(folder)
+    """The tiny model as transformers saves it in bfloat16 (the quantizers' input): a MistralForCausalLM, or
+    with a vision encoder a Mistral3ForConditionalGeneration."""
+    model = hf_mistral3_model(weights, params) if "vision_encoder" in params else hf_text_model(weights, params)
+    model.to(torch.bfloat16).save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config["rope_theta"] = params["rope_theta"]   # mlx_lm reads only this spelling (docs: PEERS)
     (folder / "config.json").write_text(json.dumps(config))
@@ -52,8 +54,9 @@ def write_compressed(folder: Path, hf: Path, scheme: str) -> Path:
     """A compressed-tensors preset scheme (W4A16, FP8_DYNAMIC, ...) on every Linear but the head."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    multimodal = "vision_config" in json.loads((hf / "config.json").read_text())
+    model = (AutoModelForImageTextToText if multimodal else AutoModelForCausalLM).from_pretrained(hf, dtype=torch.bfloat16)
     apply_quantization_config(model, QuantizationConfig(
         config_groups={"group_0": preset_name_to_scheme(scheme, ["Linear"])}, ignore=["lm_head"]))
     for module in model.modules():

@@ -4,13 +4,16 @@ logits equal to the project's on the library's dequantized weights, the KL repor
 and the formats refused. Every comparison has a negative control that fails.
 """
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import quant_formats
 import quant_report
-from checkpoints import forward_in_chunks, random_weights, real_text_shapes
+from checkpoints import (TINY_VISION_PARAMS, forward_in_chunks, image_tokens, random_weights, real_text_shapes,
+                         real_vision_shapes)
 from config import parse_params
 from gguf_files import QUANT_PARAMS, write_text_gguf
 from inputs import InputError
@@ -186,6 +189,43 @@ def test_logits_equal_the_model_on_the_library_dequantized_weights(folders, name
     assert (logits(quantized) - theirs).abs().max() > 1e-2
 
 
+@torch.no_grad()
+def test_a_multimodal_fp8_folder_with_its_vision_tower_quantized(tmp_path):
+    """RedHat AI's FP8 of Small 3.2 is a whole Mistral3ForConditionalGeneration. Here every Linear but the
+    head is FP8, the vision tower's too, whose wq / wk follow the rotate-half order of its own heads."""
+    params = TINY_VISION_PARAMS
+    weights = random_weights({**real_text_shapes(params), **real_vision_shapes(params)}, seed=2)
+    fp8 = write_compressed(tmp_path / "fp8", write_hf(tmp_path / "hf", weights, params), "FP8_DYNAMIC")
+    quantized = load_model(fp8, dtype=torch.float32)
+    dense = load_model(write_dequantized(tmp_path / "dense", fp8), dtype=torch.float32)
+    tower = quantized.vision_encoder.transformer.layers[0].attention
+    assert isinstance(tower.wq, quant_formats.PackedLinear) and tower.wq.order is not None
+    tokens = torch.tensor([[1, 3, *image_tokens(2, 3), 500, 600, 4]])
+    images = [torch.randn(3, 56, 84, generator=torch.Generator().manual_seed(0))]
+    theirs = dense(tokens, images=images)
+    assert (quantized(tokens, images=images) - theirs).abs().max() <= 1e-5
+    for layer in quantized.vision_encoder.transformer.layers:   # negative control: the tower's rows unordered
+        layer.attention.wq.order = layer.attention.wk.order = None
+    assert (quantized(tokens, images=images) - theirs).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["mlx-4bit", "bnb-nf4", "ct-w4a16"])
+def test_a_layer_split_over_two_shards(folders, name, tmp_path):
+    """Size-based sharding (save_pretrained's, mlx_lm's) can put a layer's weight and its scales in two files:
+    the layer is gathered across them, through the index."""
+    tensors = stored(folders[name])
+    first = [k for k in tensors if k.startswith("model.layers.0.self_attn.q_proj.weight")][:1]   # the codes only
+    files = {"model-00001-of-00002.safetensors": {k: tensors[k] for k in first},
+             "model-00002-of-00002.safetensors": {k: t for k, t in tensors.items() if k not in first}}
+    for file, part in files.items():
+        save_file(part, tmp_path / file)
+    index = {"weight_map": {k: file for file, part in files.items() for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copy(folders[name] / "config.json", tmp_path / "config.json")
+    assert torch.equal(logits(load_model(tmp_path, dtype=torch.float32)),
+                       logits(load_model(folders[name], dtype=torch.float32)))
+
+
 def test_the_stored_dtype_is_kept_and_the_embedding_stays_packed(folders):
     model = load_model(folders["mlx-4bit"])
     assert isinstance(model.tok_embeddings, quant_formats.PackedEmbedding)
@@ -250,6 +290,22 @@ def test_memory_is_the_file_size(folders, capsys):
 
 
 # ----------------------------------------------------------------------------- what is refused
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t["model.layers.1.mlp.up_proj.scales"].__setitem__((3, 2), float("nan")),
+     r"'model.layers.1.mlp.up_proj.weight \(scales\)' holds a non-finite value \(nan"),
+    (lambda t: t.update({"model.layers.1.mlp.up_proj.scales": t["model.layers.1.mlp.up_proj.scales"][:, :4].clone()}),
+     r"layer 'model.layers.1.mlp.up_proj': weight torch.uint32 \(768, 64\), scales \(768, 4\)"),
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.biases"), r"layer 'model.layers.1.mlp.up_proj': missing .*'biases'"),
+])
+def test_a_broken_quantized_layer_is_named(folders, tmp_path, change, message):
+    tensors = stored(folders["mlx-4bit"])
+    change(tensors)
+    save_file(tensors, tmp_path / "model.safetensors")
+    shutil.copy(folders["mlx-4bit"] / "config.json", tmp_path / "config.json")
+    with pytest.raises(InputError, match=message):
+        load_model(tmp_path)
+
 
 @pytest.mark.parametrize("config, named", [
     ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}}, "'awq'"),
