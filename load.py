@@ -185,9 +185,17 @@ def _read_tensors(checkpoint: Checkpoint, expected: dict, dtype, device, check_f
     layer (checkpoint.quant) comes as one quant_formats.Packed of all its stored tensors, left as stored."""
     state, layout = {}, checkpoint.layout
     seen: dict[str, tuple[Path, str]] = {}   # native name -> where it was read
-    where = _tensor_files(checkpoint)
+    where, maps = _tensor_files(checkpoint), {}
     progress = loading_bar(len(expected), checkpoint.files[0].parent.name)
-    for key, stored, t in gather(checkpoint.quant, list(where), lambda k: _mapped_tensor(where[k], k)):
+
+    def held(key: str) -> torch.Tensor:
+        """A quantized layer's tensor, held as stored: through one map of its file for all of them (a map per
+        tensor would count the pages of the file's header once per tensor in the process's resident set)."""
+        path = where[key]
+        maps[path] = maps.get(path) or safe_open(path, framework="pt", device="cpu")
+        return maps[path].get_tensor(key)
+
+    for key, stored, t in gather(checkpoint.quant, list(where), lambda k: _mapped_tensor(where[k], k), held):
         path = where[stored]
         name = key if layout == "native" else hf_to_native_name(key)
         if name not in expected:

@@ -349,11 +349,11 @@ PARTS = {"mlx": (".weight", ".scales", ".biases"),
                                 ".input_scale", ".input_zero_point")}
 
 
-def gather(fmt: Format | None, keys: list[str], get: Callable[[str], torch.Tensor]
-           ) -> Iterator[tuple[str, str, torch.Tensor | Packed]]:
+def gather(fmt: Format | None, keys: list[str], get: Callable[[str], torch.Tensor],
+           get_part: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, str, torch.Tensor | Packed]]:
     """Every tensor of a checkpoint as (its key, the key it is stored under, get(key)); with a format, each
     quantized layer NAME instead as (NAME.weight, the key of the tensor that marks it, a Packed of all its
-    tensors), wherever they are."""
+    tensors, mapped by get_part, which maps tensors held as stored), wherever they are."""
     if fmt is None:
         yield from ((key, key, get(key)) for key in keys)
         return
@@ -363,7 +363,7 @@ def gather(fmt: Format | None, keys: list[str], get: Callable[[str], torch.Tenso
     for key in keys:
         if key in layers:
             layer, m = layers[key]
-            parts = {part: get(layer + part) for part in PARTS[fmt.method] + (m,) if layer + part in present}
+            parts = {part: get_part(layer + part) for part in PARTS[fmt.method] + (m,) if layer + part in present}
             yield layer + ".weight", key, packed(fmt, layer, parts)
         elif key not in taken:
             yield key, key, get(key)
