@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import DEFAULT_MODEL
 from generate import Session
 from images import MAX_IMAGE_BYTES, file_url_path
 from inputs import InputError, read_bytes, read_json
-from load import DEFAULT_MODEL, DTYPES
+from load import DTYPES
 
 TOP_LOGPROBS = 20   # the most OpenAI's API (and so most servers) give
 

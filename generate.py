@@ -7,10 +7,16 @@
     torchrun --nproc_per_node=2 generate.py "Hello"                      # split over 2 GPUs (parallel.py)
     python generate.py --model unsloth/Mistral-Small-3.2-24B-Instruct-2506-GGUF:Q4_K_M "Hello"   # a GGUF
 
-The loop: encode the conversation (chat.py), prefill the prompt once, then sample one token per step
-through the KV cache until </s> or the token limit, streaming the text as it comes. The sampler and
-the loop work on token ids alone; Session adds the files, the tokenizer and the chat layout; the
-command line adds flags, printing and dumps.
+The data flow:
+
+    files -> checkpoint.read_checkpoint -> Checkpoint (config, weight files, tokenizer) -> load_model -> model
+    messages -> chat.encode_chat -> prompt ids + pixels -> stream -> Step, Step, ... -> consumers
+    consumers: Session.complete (a Reply), the terminal (chat.OutputStream), the dump (dump.Recorder), serve.py
+
+`stream` prefills the prompt once, then samples one token per step through the KV cache until </s> or
+the token limit, yielding each token as it is chosen; a consumer stops it by leaving its loop. The
+sampler and the loop work on token ids alone; Session adds the files, the tokenizer and the chat layout;
+the command line adds flags, printing and dumps.
 """
 import argparse
 import functools
@@ -26,15 +32,12 @@ from pathlib import Path
 
 import torch
 
-import gguf_file
-from chat import AssistantOutput, ReasoningSplit, TextStream, encode_chat, load_system_prompt, parse_output
+from chat import AssistantOutput, OutputStream, drop_reasoning, encode_chat, load_system_prompt, parse_output
+from checkpoint import DEFAULT_MODEL, read_checkpoint
 from dump import Recorder, write_dump
 from inputs import InputError, read_json, read_text, regular_file
-from load import (DEFAULT_MODEL, DTYPES, device_problem, load_model, model_name, pick_device, read_checkpoint,
-                  resolve_model, tokenizer_file)
-from parallel import check_split, close, is_lead, launched, mesh_from_env
-from tokenizer import Tokenizer
-from vision import check_tokenizer
+from load import DTYPES, device_problem, load_model, pick_device
+from parallel import close, is_lead, launched, mesh_from_env
 
 
 @dataclass
@@ -46,7 +49,13 @@ class Sampling:
     max_tokens: int | None = None
 
 
+# The sampling of each model card ("Sampling parameters"). A model takes the first entry whose words all
+# appear in its name, case ignored ("unsloth/Magistral-Small-2509-GGUF:Q4_K_M" is "Magistral 2509"); a
+# model that matches none, the last entry's. Magistral 2506's card keeps to 40k tokens: past them its
+# answers get worse.
 MODEL_CARD_DEFAULTS = {
+    "Magistral 2509": Sampling(temperature=0.7, top_p=0.95, max_tokens=131072),
+    "Magistral 2507": Sampling(temperature=0.7, top_p=0.95, max_tokens=40960),
     "Magistral": Sampling(temperature=0.7, top_p=0.95, max_tokens=40960),
     # The card gives no limit; the KV cache is sized to prompt + max_tokens and every decoding step reads
     # all of it, so a bounded default keeps the 24 B model's cache small (4096 positions: 0.7 GB in bf16).
@@ -55,7 +64,7 @@ MODEL_CARD_DEFAULTS = {
 
 
 def is_reasoning_model(model_name: str) -> bool:
-    """Magistral thinks aloud between <think> and </think> before it answers."""
+    """Magistral thinks before it answers (see chat.OutputStream)."""
     return "magistral" in model_name.lower()
 
 
@@ -78,7 +87,9 @@ def sampling_problem(field: str, value) -> str | None:
 
 
 def card_defaults(model_name: str) -> Sampling:
-    key = "Magistral" if is_reasoning_model(model_name) else "Mistral Small 3.x"
+    name = model_name.lower()
+    key = next((key for key in MODEL_CARD_DEFAULTS if all(word in name for word in key.lower().split())),
+               list(MODEL_CARD_DEFAULTS)[-1])
     return Sampling(**vars(MODEL_CARD_DEFAULTS[key]))
 
 
@@ -209,27 +220,6 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
     return ids, stats
 
 
-# ----------------------------------------------------------------------------- files
-
-def resolve_weights(model: str, mmproj: str | None = None) -> tuple[Path, Path | bool | None]:
-    """The weights --model names: a folder (resolve_model), or a GGUF file and its mmproj."""
-    if model.endswith(".gguf") or gguf_file.HUB_QUANT.fullmatch(model):
-        return gguf_file.resolve_gguf(model, mmproj)
-    return resolve_model(model), None
-
-
-def load_tokenizer(path: str | None, folder: Path, checkpoint) -> tuple[Tokenizer, Path]:
-    """The tokenizer and its file: the file given, else the model's own, tekken.json beside the
-    weights or a GGUF's tokenizer.ggml.* (with the image settings of its mmproj)."""
-    if path is not None:
-        path = Path(path)
-        return (gguf_file.gguf_tokenizer(path) if path.suffix == ".gguf" else Tokenizer.from_file(path)), path
-    if checkpoint.layout == "gguf":
-        return gguf_file.gguf_tokenizer(folder, mmproj=checkpoint.files[-1] if checkpoint.vision else False), folder
-    path = tokenizer_file(folder)
-    return Tokenizer.from_file(path), path
-
-
 # ----------------------------------------------------------------------------- memory and stats
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -280,8 +270,9 @@ class Session:
     model: a local folder or a hub id, or a GGUF (FILE.gguf, or REPO:QUANT on the hub); dtype: "bfloat16",
     "float16" or "float32"; compile: the decoding step through torch.compile. tokenizer: a tokenizer file
     instead of the model's own; mmproj: a GGUF's vision file, or its type on the hub (see
-    gguf_file.resolve_gguf). The weights are loaded with the first answer, once its prompt is known
-    to fit the context; sampling defaults come from the model card (see `sampling`).
+    checkpoint.py). The files are read and checked against each other here, the weights loaded with the
+    first answer, once its prompt is known to fit the context; sampling defaults come from the model card
+    (see `sampling`).
     Under torchrun every rank makes its Session and asks it the same questions: the model is split
     over the ranks (parallel.py), each on its own GPU, and every rank gets the same reply."""
 
@@ -290,18 +281,9 @@ class Session:
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
         self.mesh, self.device = mesh_from_env(pick_device(device))   # a bad device fails before any file is read
-        self.folder, self.mmproj = resolve_weights(model, mmproj)
-        self.name = model_name(model)
-        self.checkpoint = read_checkpoint(self.folder, self.mmproj)
-        if self.mesh is not None:
-            check_split(self.checkpoint.args, self.mesh.size())
-        self.tokenizer, source = load_tokenizer(tokenizer, self.folder, self.checkpoint)
-        if self.tokenizer.n_words > self.checkpoint.args.vocab_size:
-            raise InputError(f"the tokenizer {source} has {self.tokenizer.n_words} ids but {self.checkpoint.config} gives "
-                             f"vocab_size {self.checkpoint.args.vocab_size}: the model has no embedding for the "
-                             f"tokenizer's last ids")
-        if self.checkpoint.vision is not None:
-            check_tokenizer(self.checkpoint.vision, self.tokenizer, str(self.checkpoint.config))
+        self.checkpoint = read_checkpoint(model, mmproj, tokenizer, 1 if self.mesh is None else self.mesh.size())
+        self.folder, self.name, self.mmproj = self.checkpoint.path, self.checkpoint.name, self.checkpoint.mmproj
+        self.tokenizer = self.checkpoint.tokenizer
         self.context = self.checkpoint.args.max_position_embeddings
         self.sampling = card_defaults(self.name)
         self.reasoning = is_reasoning_model(self.name)
@@ -330,7 +312,7 @@ class Session:
         for step in self.stream(ids, images, sampling, seed):
             out.append(step.token)
             stats = step.stats
-        return Reply(ids, out, parse_output(self.tokenizer, out), stats)
+        return Reply(ids, out, parse_output(self.tokenizer, out, tags=self.reasoning), stats)
 
     def stream(self, ids: list[int], images: list[torch.Tensor], sampling: Sampling | None = None,
                seed: int | None = None, logits: bool = False, prompt_logits: bool = False,
@@ -350,8 +332,7 @@ class Session:
     def load(self):
         """The model, loaded on first use."""
         if self.model is None:
-            self.model = load_model(self.folder, device=self.device, dtype=self.dtype, mesh=self.mesh,
-                                    mmproj=self.mmproj)
+            self.model = load_model(self.checkpoint, device=self.device, dtype=self.dtype, mesh=self.mesh)
         return self.model
 
 
@@ -399,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "filled with its name and the dates)")
     p.add_argument("--messages", help="a JSON file with a conversation in the OpenAI chat format")
     p.add_argument("--tools", help="a JSON file with a tool list in the OpenAI format")
+    p.add_argument("--keep-reasoning", action="store_true", help="a reasoning model's earlier thoughts stay in the "
+                                                                  "prompt (default: left out, as they fill the context)")
     p.add_argument("--interactive", "-i", action="store_true", help="multi-turn chat; '/image PATH' attaches "
                                                                      "an image to the next message")
     add_sampling_flags(p)
@@ -469,7 +452,7 @@ def flag_sampling(args, card: Sampling) -> Sampling:
                     max_tokens=card.max_tokens if args.max_tokens is None else args.max_tokens)
 
 
-def system_prompt(args, folder: Path, name: str) -> str | None:
+def system_prompt(args, folder: Path, name: str) -> str | list[dict] | None:
     if args.system is not None:
         path = Path(args.system)
         return read_text(path, what=f"--system {args.system}") if path.is_file() else args.system
@@ -513,11 +496,12 @@ def user_message(text: str, images: list[str]) -> dict:
 
 
 def respond(session: Session, messages: list[dict], tools, args) -> AssistantOutput:
-    """Answer on the terminal: the text streamed (Magistral's reasoning to stderr), tool calls as
-    JSON, the stats line; and the dump, if asked for. Ctrl-C ends the answer where it is. Under
-    torchrun only rank 0 prints and writes; every rank records, so that all run the same computation."""
-    ids, images = session.encode(messages, tools)
-    text = TextStream(session.tokenizer, write=ReasoningSplit() if session.reasoning else None)
+    """Answer on the terminal: the answer streamed to stdout and a reasoning model's thought to stderr,
+    tool calls as JSON, the stats line; and the dump, if asked for. Earlier thoughts are left out of the
+    prompt unless --keep-reasoning. Ctrl-C ends the answer where it is. Under torchrun only rank 0
+    prints and writes; every rank records, so that all run the same computation."""
+    ids, images = session.encode(messages if args.keep_reasoning else drop_reasoning(messages), tools)
+    text = OutputStream(session.tokenizer, tags=session.reasoning)
     recorder = Recorder(args.dump_hidden) if args.dump else None
     out, stats = [], Stats(prompt_tokens=len(ids))
     steps = session.stream(ids, images, seed=args.seed, prompt_logits=recorder is not None, hidden=args.dump_hidden)
@@ -528,13 +512,13 @@ def respond(session: Session, messages: list[dict], tools, args) -> AssistantOut
             if recorder is not None:
                 recorder.add(step.logits, step.hidden)
             if is_lead():
-                text(step.token)
+                show(text.feed(step.token))
     except KeyboardInterrupt:
         pass
-    output = parse_output(session.tokenizer, out)
+    output = parse_output(session.tokenizer, out, tags=session.reasoning)
     if not is_lead():
         return output
-    text.flush()
+    show(text.close())
     print(flush=True)
     if output.tool_calls:
         print(json.dumps([vars(c) for c in output.tool_calls], ensure_ascii=False, indent=2))
@@ -543,6 +527,12 @@ def respond(session: Session, messages: list[dict], tools, args) -> AssistantOut
         features = session.model.image_features(session.on_device(images)) if images and args.dump_hidden else None
         write_dump(args.dump, ids, out, recorder, features, {"model": args.model})
     return output
+
+
+def show(pieces: list[tuple[str, str]]) -> None:
+    """OutputStream's pieces on the terminal: the thought to stderr, the answer to stdout."""
+    for kind, text in pieces:
+        print(text, end="", flush=True, file=sys.stderr if kind == "reasoning" else sys.stdout)
 
 
 def interactive(session: Session, messages: list[dict], tools, args):
@@ -561,7 +551,7 @@ def interactive(session: Session, messages: list[dict], tools, args):
         messages.append(user_message(line, pending_images))
         pending_images = []
         try:
-            messages.append(respond(session, messages, tools, args).to_message())
+            messages.append(respond(session, messages, tools, args).to_message(reasoning=True))
         except InputError as e:   # a bad /image, a prompt past the context: this turn is dropped
             messages.pop()
             print(f"error: {e} (message dropped)", file=sys.stderr)

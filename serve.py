@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from chat import (CALL_ID, TextStream, ToolCall, image_slots, new_call_id, optional_special, parse_output,
-                  partial_suffix)
+from chat import CALL_ID, OutputStream, ToolCall, image_slots, new_call_id, parse_output, partial_suffix
 from generate import (SAMPLING_RANGES, Sampling, Session, Step, add_model_flags, add_sampling_flags,
                       check_sampling_flags, flag_sampling)
 from images import SCHEME, file_url_path, token_grid
@@ -168,6 +167,7 @@ def image_source(source, folder: Path | None):
 @dataclass
 class Final:
     content: str
+    reasoning: str | None     # a reasoning model's thought; None where the answer began none
     tool_calls: list[dict]
     finish_reason: str
     usage: dict
@@ -179,6 +179,7 @@ class Final:
 class Delta:
     text: str                 # content to send now (may be empty: held back, or inside a tool call)
     logprobs: list[dict]      # this token's logprobs entry, when asked for
+    reasoning: str = ""       # thought to send now
 
 
 @dataclass
@@ -192,27 +193,33 @@ class Failed:
 
 
 class Answer:
-    """One answer as it is generated, on the model thread: the text decoded token by token, cut at a
-    stop string and held back where one may begin; the logprobs."""
+    """One answer as it is generated, on the model thread: the thought and the content read from the ids
+    as they come (chat.OutputStream), the content cut at a stop string and held back where one may begin
+    (stop strings apply to the content, not the thought); the logprobs."""
 
-    def __init__(self, tokenizer, request: Request):
-        self.tokenizer, self.request = tokenizer, request
-        self.calls_marker = optional_special(tokenizer, "[TOOL_CALLS]")
+    def __init__(self, tokenizer, request: Request, reasoning: bool):
+        self.tokenizer, self.request, self.tags = tokenizer, request, reasoning
+        self.output = OutputStream(tokenizer, tags=reasoning)
         self.text, self.sent = "", 0         # the content so far, and how much of it was sent
-        self.in_calls = self.stopped = False
+        self.thought = ""
+        self.stopped = False
         self.ids: list[int] = []
         self.logprobs: list[dict] = []
-        self.decoder = TextStream(tokenizer, write=self.add_text)
 
     def add(self, step: Step) -> Delta:
         """A generated token -> what to send for it."""
         self.ids.append(step.token)
         entries = [self.logprob(step.token, step.logits[-1])] if self.request.top_logprobs is not None else []
         self.logprobs += entries
-        self.in_calls = self.in_calls or step.token == self.calls_marker
-        if not self.in_calls:
-            self.decoder(step.token)
-        return Delta(self.unsent(), entries)
+        return self.delta(self.output.feed(step.token), entries)
+
+    def delta(self, pieces: list[tuple[str, str]], entries: list[dict]) -> Delta:
+        thought = "".join(text for kind, text in pieces if kind == "reasoning")
+        self.thought += thought
+        for kind, text in pieces:
+            if kind == "content" and not self.stopped:
+                self.add_text(text)
+        return Delta(self.unsent(), entries, thought)
 
     def add_text(self, piece: str):
         before, self.text = len(self.text), self.text + piece
@@ -245,17 +252,25 @@ class Answer:
 
     def finish(self, prompt_tokens: int) -> tuple[Delta, Final]:
         """Once generation has ended: the text left to send, and the answer (tool calls, why it ended)."""
-        if not self.stopped:
-            self.decoder.flush()             # an incomplete UTF-8 character at the end of the text
-        calls = parse_output(self.tokenizer, self.ids).tool_calls if self.in_calls else []
-        self.text += "".join(call.raw_arguments for call in calls if not call.name)   # unreadable calls: as text
-        last = Delta(self.unsent(), [])
+        last = self.delta(self.output.close(), [])   # what was held back: an incomplete character, a tag
+        calls = parse_output(self.tokenizer, self.ids, self.tags).tool_calls if self.output.calls else []
+        unreadable = "".join(call.raw_arguments for call in calls if not call.name)   # sent as text
+        if unreadable and not self.stopped:
+            self.add_text(unreadable)
+            last.text += self.unsent()
         calls = [tool_call(call) for call in calls if call.name]
         ended = self.stopped or self.ids[-1] == self.tokenizer.eos_id
         finish = "length" if not ended else "tool_calls" if calls else "stop"
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(self.ids),
                  "total_tokens": prompt_tokens + len(self.ids)}
-        return last, Final(self.text, calls, finish, usage, self.logprobs)
+        thought = self.thought if self.output.reasoned else None
+        return last, Final(self.text, thought, calls, finish, usage, self.logprobs)
+
+
+def reasoning_fields(thought: str | None) -> dict:
+    """A thought as the message or delta fields that carry it: `reasoning_content` (vLLM's and DeepSeek's
+    name) and `reasoning` (vLLM's newer one), the same text in both; none without a thought."""
+    return {} if thought is None else {"reasoning_content": thought, "reasoning": thought}
 
 
 def tool_call(call: ToolCall) -> dict:
@@ -275,7 +290,7 @@ class Job:
 
     def run(self, session: Session):
         try:
-            answer = Answer(session.tokenizer, self.request)
+            answer = Answer(session.tokenizer, self.request, session.reasoning)
             for step in session.stream(self.ids, self.images, self.request.sampling, self.request.seed,
                                        logits=self.request.top_logprobs is not None):
                 if self.cancelled.is_set():  # the client is gone
@@ -455,7 +470,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise event.error
         final = event.final
         message = {"role": "assistant", "content": final.content if final.content or not final.tool_calls else None,
-                   "tool_calls": final.tool_calls or None}
+                   "tool_calls": final.tool_calls or None, **reasoning_fields(final.reasoning)}
         choice = {"index": 0, "message": message, "finish_reason": final.finish_reason,
                   "logprobs": {"content": final.logprobs} if request.top_logprobs is not None else None}
         self.send_json(200, {**head, "object": "chat.completion", "choices": [choice], "usage": final.usage})
@@ -485,8 +500,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             send(chunk({"role": "assistant", "content": ""}))
             while isinstance(event, Delta):
-                if event.text or event.logprobs:
-                    send(chunk({"content": event.text} if event.text else {}, event.logprobs))
+                if event.text or event.reasoning or event.logprobs:
+                    delta = {**reasoning_fields(event.reasoning or None), **({"content": event.text} if event.text else {})}
+                    send(chunk(delta, event.logprobs))
                 event = job.events.get()
             if isinstance(event, Failed):
                 status, body = error_body(event.error)

@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+import checkpoint
 import generate
 import gguf_file
 import quant_report
@@ -163,9 +164,8 @@ def test_unsupported_type_is_refused_with_the_tensor_name(weights, folder):
     w = GGUFWriter(str(path), "llama")
     w.add_tensor("blk.0.attn_q.weight", np.zeros((256, 54 * 2), np.uint8), raw_dtype=quants.GGMLQuantizationType.TQ1_0)
     finish(w)
-    info = gguf_file.read_gguf(path).tensors["blk.0.attn_q.weight"]
     with pytest.raises(InputError, match=r"blk\.0\.attn_q\.weight.*TQ1_0"):
-        gguf_file._quantized_module(torch.nn.Linear(1, 1), torch.zeros(1), info, str(path), torch.float32)
+        gguf_file.read_gguf(path)   # refused with the header, before a model is built
 
 
 def test_not_a_gguf_and_a_truncated_file(folder, weights):
@@ -190,7 +190,7 @@ def test_header_parser_equals_gguf_reader(weights, folder):
         mine = ours.tensors[t.name]
         assert mine.type_name == t.tensor_type.name and mine.n_bytes == t.n_bytes
         assert mine.shape == tuple(int(n) for n in reversed(t.shape))   # GGUF's ne, innermost first
-        assert np.array_equal(gguf_file._tensor_bytes(gguf_file._mapped(path), mine).numpy().ravel(), t.data.view(np.uint8).ravel())
+        assert np.array_equal(gguf_file.tensor_bytes(gguf_file.mapped(path), mine).numpy().ravel(), t.data.view(np.uint8).ravel())
 
 
 def test_quantized_model_holds_no_dequantized_copy(weights, folder):
@@ -336,7 +336,7 @@ def gguf_tekken(request, tmp_path_factory):
 
 def test_gguf_tokenizer_gives_mistral_common_ids(gguf_tekken):
     version, path, tekken = gguf_tekken
-    ours, theirs = gguf_file.gguf_tokenizer(path), Tekkenizer.from_file(tekken)
+    ours, theirs = gguf_file.gguf_tokenizer(gguf_file.read_gguf(path)), Tekkenizer.from_file(tekken)
     assert ours.version == version and ours.n_words == 131072
     assert [ours.special_id(n) for n in ("[INST]", "[IMG]", "[IMG_BREAK]", "<pad>")] == [3, 10, 12, 11]
     problems = {s: found for s in CORPUS if (found := differences(ours, theirs, s))}
@@ -351,7 +351,7 @@ def test_a_tokenizer_that_is_not_tekken_is_refused(tmp_path):
     add_tokenizer(w, ["a", "b"], [1, 1], pre="llama-bpe")
     finish(w)
     with pytest.raises(InputError, match="not a Tekken tokenizer"):
-        gguf_file.gguf_tokenizer(tmp_path / "llama3.gguf")
+        gguf_file.gguf_tokenizer(gguf_file.read_gguf(tmp_path / "llama3.gguf"))
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -406,16 +406,16 @@ def test_hub_quant_downloads_only_that_quant_and_the_f16_mmproj(cli_files, monke
         calls.append((repo_id, allow_patterns))
         return str(gguf.parent)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    text, mmproj = gguf_file.resolve_gguf("someone/Tiny-GGUF:q")
+    text, mmproj = checkpoint.local_files("someone/Tiny-GGUF:q")
     assert calls[-1] == ("someone/Tiny-GGUF", ["Tiny-Q.gguf", "mmproj-F16.gguf"])
     assert text == gguf and mmproj == gguf.parent / "mmproj-F16.gguf"
-    gguf_file.resolve_gguf("someone/Tiny-GGUF:BF16", mmproj="f32")
+    checkpoint.local_files("someone/Tiny-GGUF:BF16", mmproj="f32")
     assert calls[-1][1] == ["BF16/Tiny-BF16-00001-of-00002.gguf", "BF16/Tiny-BF16-00002-of-00002.gguf",
                             "mmproj-F32.gguf"]
-    gguf_file.resolve_gguf("someone/Tiny-GGUF:Q4_K_XL", mmproj="none")
+    checkpoint.local_files("someone/Tiny-GGUF:Q4_K_XL", mmproj="none")
     assert calls[-1][1] == ["Tiny-UD-Q4_K_XL.gguf"]
     with pytest.raises(InputError, match="has no Q5_K_M file"):
-        gguf_file.resolve_gguf("someone/Tiny-GGUF:Q5_K_M")
+        checkpoint.local_files("someone/Tiny-GGUF:Q5_K_M")
 
 
 # ----------------------------------------------------------------------------- the KL report
