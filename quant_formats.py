@@ -27,6 +27,11 @@ its order, so that the weights are bit-exact with mlx.core.dequantize, bitsandby
 compressed-tensors' decompressors (tests/test_quant_formats.py); those libraries are never imported here.
 Activation quantization (FP8 or int8 activations of W8A8 schemes) is not reproduced: as for GGUF, the
 model multiplies in float, so that the weights alone make the difference.
+
+A faster path plugs in per format where its arithmetic maps: MLX 4-bit and compressed-tensors int4 groups
+are w = scale * code + offset per group (Packed.int4_groups), the input of a grouped int4 kernel (torch's
+_weight_int4pack_mm, repacked at load); an FP8 weight is held as torch.float8_e4m3fn, a scaled-matmul input.
+Under torch.compile the dequantization is not bit-exact: inductor keeps bfloat16 intermediates in float32.
 """
 import json
 import re
