@@ -542,11 +542,14 @@ class OutputStream:
     (`calls` is then True: the rest is tool calls, for parse_output) and at </s>. Text is decoded run by
     run between special tokens, as Tokenizer.decode does; a character split across tokens comes out whole."""
 
-    def __init__(self, tokenizer, tags: bool = True):
+    def __init__(self, tokenizer, tags: bool = True, split: bool = True):
         self.tokenizer = tokenizer
-        self.begin, self.end = optional_special(tokenizer, "[THINK]"), optional_special(tokenizer, "[/THINK]")
-        self.tags = tags and self.begin is None
-        self.marker = optional_special(tokenizer, "[TOOL_CALLS]")
+        # split False: plain text, every token's text as content (no thought, no tool calls, no end at
+        # </s>): a completion's text, or an echoed prompt's
+        special = (lambda name: optional_special(tokenizer, name)) if split else (lambda name: None)
+        self.begin, self.end = special("[THINK]"), special("[/THINK]")
+        self.tags = tags and split and self.begin is None
+        self.marker, self.eos = special("[TOOL_CALLS]"), tokenizer.eos_id if split else None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.leading_space = tokenizer.leading_space
         self.kind = "content"
@@ -558,7 +561,7 @@ class OutputStream:
     def feed(self, token: int) -> list[tuple[str, str]]:
         if self.done or self.calls:
             return []
-        if token in (self.marker, self.tokenizer.eos_id):
+        if token in (self.marker, self.eos):
             self.calls = token == self.marker
             return self.close()
         if not self.tokenizer.is_special(token):

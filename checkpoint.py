@@ -5,7 +5,8 @@
 source, as --model takes it:
 - a model folder, in the native layout (params.json + consolidated.safetensors, or a complete set
   consolidated-0000k-of-0000n.safetensors) or the Hugging Face layout (config.json + model-*.safetensors,
-  with model.safetensors.index.json when split);
+  with model.safetensors.index.json when split), quantized or not: a config.json naming an MLX, bitsandbytes
+  or compressed-tensors quantization is read by quant_formats.py (others refused);
 - a hub id ("owner/name"): the official repository's native files (HUB_FILES), downloaded once;
 - a GGUF text file, or any part of a split set NAME-0000k-of-0000n.gguf;
 - REPO:QUANT (llama.cpp's -hf syntax): one quant of a GGUF repository on the hub, and its mmproj.
@@ -32,6 +33,7 @@ from gguf_file import GGUF, gguf_config, gguf_tokenizer, read_gguf
 from inputs import InputError, MissingFileError, read_json, regular_file
 from model import ModelArgs
 from parallel import check_split
+from quant_formats import Format, read_format
 from tokenizer import Tokenizer
 from vision import VisionArgs
 
@@ -49,6 +51,7 @@ class Checkpoint:
     index: dict | None = None            # Hugging Face: tensor name -> file, from model.safetensors.index.json
     headers: list[GGUF] | None = None    # "gguf": the header of each of `files`, parsed once
     tokenizer: Tokenizer | None = None   # None when read without one
+    quant: Format | None = None          # "hf": the quantization config.json names (quant_formats.py)
 
     @property
     def mmproj(self) -> Path | None:
@@ -202,16 +205,17 @@ def read_folder(name: str, folder: Path) -> Checkpoint:
     """A model folder's layout, configuration and weight files."""
     # lexists: a params.json that is a FIFO or a symlink loop is named as such by read_json.
     if os.path.lexists(folder / "params.json"):
-        config, layout = folder / "params.json", "native"
+        config, layout, quant = folder / "params.json", "native", None
         args, vision = parse_params(read_json(config), str(config))
     elif os.path.lexists(folder / "config.json"):
         config, layout = folder / "config.json", "hf"
-        args, vision = parse_hf_config(read_json(config), str(config))
+        quant, hf_config = read_format(read_json(config), str(config))
+        args, vision = parse_hf_config(hf_config, str(config))
     else:
         raise MissingFileError(f"{folder}: no params.json (native layout) or config.json (Hugging Face "
                                f"layout) found; expected an official Mistral checkpoint folder")
     files, index = weight_files(folder, layout)
-    return Checkpoint(name, folder, layout, config, files, args, vision, index)
+    return Checkpoint(name, folder, layout, config, files, args, vision, index, quant=quant)
 
 
 # The weight files of each layout: one file, or a complete numbered set (k of n for k = 1..n).

@@ -166,10 +166,11 @@ def prefill(model, prompt: list[int], images: list, hidden: list | None = None,
 
 def decode_step(model, token: torch.Tensor, pos: torch.Tensor, collect_hidden: list | None = None,
                 kv_len: int | None = None) -> torch.Tensor:
-    """One generated token [B, 1] at position pos [1] -> float32 logits [B, 1, V]. The token is embedded
-    as it is, unchecked (the image check of model.embed reads the tokens on the host), so the step never
-    waits for the host. kv_len: the cache positions attention reads (pos + 1, known on the host);
-    None reads the whole cache, masked, so that every step has the same shapes: what a CUDA graph needs."""
+    """One generated token [B, 1] at position pos [1], or each at its own position pos [B, 1] (batch.py),
+    -> float32 logits [B, 1, V]. The token is embedded as it is, unchecked (the image check of model.embed
+    reads the tokens on the host), so the step never waits for the host. kv_len: the cache positions
+    attention reads (the furthest pos + 1, known on the host); None reads the whole cache, masked, so that
+    every step has the same shapes: what a CUDA graph needs."""
     return model.forward_embeddings(model.tok_embeddings(token), pos, collect_hidden, kv_len=kv_len)
 
 

@@ -7,7 +7,10 @@ One loop (load_tensors) reads the three layouts of the weights:
 - Hugging Face: model-*.safetensors, renamed here, with wq / wk rows permuted for rotate-half RoPE, which
   the loader undoes;
 - GGUF: llama.cpp's names (gguf_file.native_name); a matrix of a quantized type stays in its blocks, in a
-  quants module that the loop puts in place of its nn.Linear / nn.Embedding.
+  quants module that the loop puts in place of its nn.Linear / nn.Embedding;
+- a quantized Hugging Face folder (MLX, bitsandbytes, compressed-tensors: checkpoint.quant): each quantized
+  layer's tensors come gathered as one quant_formats.Packed (wherever its files put them), which stays as
+  stored in a PackedLinear / PackedEmbedding put in place of the layer.
 The model is built on the meta device (no memory); each tensor is then memory-mapped, checked (a weight
 of the model, stored once, of the shape the configuration implies, finite when it becomes floats),
 converted and placed one at a time, and assigned. Under tensor parallel (parallel.py) the meta model is
@@ -18,7 +21,7 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from gguf_file import FLOAT_TYPES, SKIPPED, dequantized, mapped, native_name, qu
 from inputs import InputError, MissingFileError
 from model import ModelArgs, Transformer
 from parallel import as_shard, parallelize, shard_region
+from quant_formats import Packed, PackedEmbedding, PackedLinear, gather
 from vision import VisionArgs, VisionLanguageModel
 
 
@@ -97,8 +101,8 @@ class Stored:
     key: str                   # the file's name for it
     name: str | None           # the model's name for it (None: none)
     shape: tuple               # as the model holds it
-    dtype: torch.dtype | None  # of the stored values; None: GGUF blocks of a quantized type
-    data: torch.Tensor         # the values; for GGUF the bytes [rows, row bytes]
+    dtype: torch.dtype | None  # of the stored values; None: GGUF blocks of a quantized type, or a Packed
+    data: torch.Tensor | Packed  # the values; for GGUF the bytes [rows, row bytes]; a quantized layer's Packed
     qtype: str | None = None   # GGUF: the type ("F32", "Q4_K", ...)
 
 
@@ -112,16 +116,44 @@ def stored_tensors(checkpoint: Checkpoint) -> Iterator[Stored]:
                     yield Stored(gguf.path, info.name, native_name(info.name), info.shape,
                                  FLOAT_TYPES.get(info.type_name), tensor_bytes(data, info), info.type_name)
         return
+    where, maps = _tensor_files(checkpoint), {}
+
+    def held(key: str) -> torch.Tensor:
+        """A quantized layer's tensor, kept as stored: through one map of its file for all of them (a map per
+        tensor would count the pages of the file's header once per tensor in the process's resident set)."""
+        try:
+            maps[where[key]] = maps.get(where[key]) or safe_open(where[key], framework="pt", device="cpu")
+            return maps[where[key]].get_tensor(key)
+        except SafetensorError as e:
+            raise _unreadable(where[key], e) from None
+
+    # A quantized layer NAME comes as NAME.weight, from the file of the tensor that marks it (`stored`).
+    for key, stored, t in gather(checkpoint.quant, list(where), lambda k: _mapped_tensor(where[k], k), held):
+        name = key if checkpoint.layout == "native" else hf_to_native_name(key)
+        yield Stored(where[stored], key, name, tuple(t.shape), None if isinstance(t, Packed) else t.dtype, t)
+
+
+def _tensor_files(checkpoint: Checkpoint) -> dict[str, Path]:
+    """The file of every tensor of a folder (key -> path; no tensor is read): each stored in one file, the one
+    the Hugging Face index says, and every tensor the index lists stored."""
+    where: dict[str, Path] = {}
     for path in checkpoint.files:
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 keys = list(f.keys())
-            for key in keys:
-                t = _mapped_tensor(path, key)
-                name = key if checkpoint.layout == "native" else hf_to_native_name(key)
-                yield Stored(path, key, name, tuple(t.shape), t.dtype, t)
         except SafetensorError as e:
-            raise InputError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
+            raise _unreadable(path, e) from None
+        for key in keys:
+            if key in where:
+                raise InputError(f"tensor {key!r} of {path} is also in {where[key]}: a weight must be stored once")
+            if checkpoint.index is not None and checkpoint.index.get(key) != path.name:
+                raise InputError(f"{path}: holds tensor {key!r}, which the index puts in {checkpoint.index.get(key)!r}")
+            where[key] = path
+    if checkpoint.index is not None:
+        absent = sorted(set(checkpoint.index) - set(where))
+        if absent:
+            raise InputError(f"{checkpoint.path}: {HF_INDEX} lists tensor(s) {absent[:5]} that no file holds")
+    return where
 
 
 def load_tensors(model: nn.Module, checkpoint: Checkpoint, dtype, device, check_finite: bool = True) -> None:
@@ -143,10 +175,6 @@ def load_tensors(model: nn.Module, checkpoint: Checkpoint, dtype, device, check_
     missing = sorted(set(expected) - set(seen))
     if missing:
         raise InputError(f"{checkpoint.path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if checkpoint.index is not None:
-        absent = sorted(set(checkpoint.index) - {stored.key for stored in seen.values()})
-        if absent:
-            raise InputError(f"{checkpoint.path}: {HF_INDEX} lists tensor(s) {absent[:5]} that no file holds")
 
 
 def _check_stored(stored: Stored, expected: dict, seen: dict, checkpoint: Checkpoint) -> None:
@@ -157,9 +185,6 @@ def _check_stored(stored: Stored, expected: dict, seen: dict, checkpoint: Checkp
         first = seen[stored.name]
         raise InputError(f"tensor {stored.key!r} of {stored.path} is also in {first.path} (as {first.key!r}): "
                          f"a weight must be stored once")
-    if checkpoint.index is not None and checkpoint.index.get(stored.key) != stored.path.name:
-        raise InputError(f"{stored.path}: holds tensor {stored.key!r}, which the index puts in "
-                         f"{checkpoint.index.get(stored.key)!r}")
     if stored.shape != tuple(expected[stored.name].shape):
         raise InputError(f"{stored.path}: tensor {stored.key!r} has shape {stored.shape}, "
                          f"expected {tuple(expected[stored.name].shape)}")
@@ -171,18 +196,25 @@ def _check_stored(stored: Stored, expected: dict, seen: dict, checkpoint: Checkp
 def _assign(model: nn.Module, stored: Stored, like: torch.Tensor, checkpoint: Checkpoint, dtype, device,
             check_finite: bool) -> None:
     """Put one tensor in the model. A GGUF matrix of a quantized type (an nn.Linear without bias or an
-    nn.Embedding) stays in its blocks: a quants module holding them takes the layer's place. Anything else
-    (floats; a quantized conv or biased linear, which are small) becomes a parameter in dtype, checked
-    finite, or the slice of it that this rank holds."""
+    nn.Embedding) stays in its blocks: a quants module holding them takes the layer's place; a quantized
+    folder's layer (a Packed) likewise, in a PackedLinear / PackedEmbedding. Anything else (floats; a
+    quantized conv or biased linear, which are small) becomes a parameter in dtype, checked finite, or the
+    slice of it that this rank holds."""
     module_name, _, attr = stored.name.rpartition(".")
     module = model.get_submodule(module_name)
     matrix = isinstance(module, (nn.Linear, nn.Embedding)) and getattr(module, "bias", None) is None
+    if isinstance(stored.data, Packed) and check_finite:
+        for part, b in stored.data.named_buffers():
+            if b.is_floating_point():   # the scales (an FP8 weight too): the layer's, in one of the folder's files
+                _check_finite(b, replace(stored, path=checkpoint.path, key=f"{stored.key} ({part})", dtype=b.dtype))
     if stored.dtype is None and matrix:
         parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), child, quant_module(
-            isinstance(module, nn.Embedding), stored.data.to(device), stored.qtype, stored.shape, dtype))
+        layer = _packed_layer(stored, module, checkpoint, dtype).to(device) if isinstance(stored.data, Packed) else \
+            quant_module(isinstance(module, nn.Embedding), stored.data.to(device), stored.qtype, stored.shape, dtype)
+        setattr(model.get_submodule(parent), child, layer)
         return
-    t = stored.data if stored.qtype is None else dequantized(stored.data, stored.qtype, stored.shape)
+    t = (stored.data.unpack() if isinstance(stored.data, Packed) else stored.data if stored.qtype is None
+         else dequantized(stored.data, stored.qtype, stored.shape))
     region = shard_region(like)
     if region is not None:
         # Only the slice's pages are read (all of them for a column slice, then unmapped); the copy
@@ -194,6 +226,15 @@ def _assign(model: nn.Module, stored: Stored, like: torch.Tensor, checkpoint: Ch
         _check_finite(placed, stored)
     value = placed if region is None else as_shard(placed, like)
     setattr(module, attr, nn.Parameter(value, requires_grad=False))   # for inference: no autograd graph
+
+
+def _packed_layer(stored: Stored, module: nn.Module, checkpoint: Checkpoint, dtype) -> nn.Module:
+    """The PackedLinear / PackedEmbedding holding a quantized layer's Packed weight as stored. The Hugging Face
+    wq / wk keep their rotate-half row order: the layer reorders its outputs to the native rows."""
+    order, rows = None, stored.shape[0]
+    if checkpoint.layout == "hf" and stored.name.endswith(("attention.wq.weight", "attention.wk.weight")):
+        order = unpermute_rotary(torch.arange(rows).view(rows, 1), _rotary_heads(stored.name, rows, checkpoint)).view(rows)
+    return (PackedEmbedding if isinstance(module, nn.Embedding) else PackedLinear)(stored.data, dtype, order)
 
 
 def loading_bar(total: int, name: str) -> tqdm:
@@ -218,8 +259,15 @@ def _mapped_tensor(path: Path, key: str) -> torch.Tensor:
     """One tensor of the file, memory-mapped (nothing is read until used) through a map of its own:
     when the tensor is converted or moved, dropping it unmaps its pages, so that no more than one
     tensor is ever held twice while loading."""
-    with safe_open(path, framework="pt", device="cpu") as f:
-        return f.get_tensor(key)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+    except SafetensorError as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: SafetensorError) -> InputError:
+    return InputError(f"{path}: not a readable safetensors file ({e}); is the download complete?")
 
 
 def _place(t: torch.Tensor, name: str, checkpoint: Checkpoint, dtype, device) -> torch.Tensor:
@@ -258,6 +306,8 @@ def load_model(source, device="cpu", dtype: torch.dtype | None = None, mesh: Dev
         if mesh is not None:
             raise InputError(f"{checkpoint.path}: tensor parallel (parallel.py) is not implemented for GGUF files")
         dtype = dtype or torch.float32
+    if checkpoint.quant is not None and mesh is not None:
+        raise InputError(f"{checkpoint.path}: tensor parallel (parallel.py) is not implemented for quantized folders")
     # Build on the meta device (no memory) and then assign the tensors read from disk, so that
     # the weights are held once.
     with torch.device("meta"):

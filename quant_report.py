@@ -17,12 +17,14 @@ The reference file (safetensors) holds, for P scored positions and its top-k (--
     target_logprob float32 [P]                          its log-probability of the actual next token
     text_tokens int32 [C, context]                      the chunks, and for a conversation:
     chat_tokens int32 [S], chat_image_N float32 [3, H, W], chat_first int64 [1] (its first scored position)
+    architecture int64 [7]                              the model's shapes (ARCHITECTURE)
 About 8 k + 4 bytes per position: 516 kB per 1000 positions at k = 64 (the full float16 log-softmax of the
-131072-token vocabulary would be 262 MB). Its metadata names the model it was made from: its shapes
-(`architecture`) and a digest of its tokenizer's vocabulary (`tokenizer`); score refuses a reference
-that does not fit the model scored (another model, another tokenizer, ids outside the vocabulary). The KL is that of the distributions coarsened to the reference's
-top k plus one "rest" bucket: a lower bound of the full KL (merging outcomes can only lower it), exact
-when k is the vocabulary size, and close to it when the top k hold nearly all the mass.
+131072-token vocabulary would be 262 MB). The command line also records a digest of the tokenizer's
+vocabulary (metadata `tokenizer`): score refuses a reference that does not fit the model scored (another
+model's shapes, another tokenizer, ids outside the vocabulary, images for a model without vision). The KL
+is that of the distributions coarsened to the reference's top k plus one "rest" bucket: a lower bound of
+the full KL (merging outcomes can only lower it), exact when k is the vocabulary size, and close to it
+when the top k hold nearly all the mass.
 """
 import argparse
 import hashlib
@@ -36,9 +38,9 @@ from safetensors.torch import load_file, save_file
 
 from chat import encode_chat
 from generate import Session, add_model_flags, as_flags
-from inputs import InputError, parse_json, read_json, read_text, regular_file
+from inputs import InputError, read_json, read_text, regular_file
 
-FORMAT = "quant_report/2"   # /2: the reference names its model (architecture, tokenizer)
+FORMAT = "quant_report/2"   # /2: the reference names its model (architecture, and the tokenizer's digest)
 # The shapes that make two files the same model, quantized or not.
 ARCHITECTURE = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
 
@@ -96,7 +98,7 @@ def sequences(ref: dict) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], 
 
 def make_reference(model, chunks: torch.Tensor, top_k: int = 64, chat=None) -> dict:
     """The reference's distributions over chunks [C, context] (and a conversation (ids, images, first))."""
-    ref = {"text_tokens": chunks}
+    ref = {"text_tokens": chunks, "architecture": architecture(model.args)}
     if chat is not None:
         ids, images, first = chat
         ref.update(chat_tokens=ids, chat_first=torch.tensor([first]))
@@ -131,31 +133,35 @@ def load_reference(path) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- what a reference fits
 
-def identity(args, tokenizer) -> dict:
-    """What a reference records of its model: the shapes, and a digest of the tokenizer's vocabulary (each
-    id's bytes, or a control token's name), which its stored token ids mean."""
+def architecture(args) -> torch.Tensor:
+    """The shapes that make two checkpoints the same model, quantized or not: int64 [len(ARCHITECTURE)]."""
+    return torch.tensor([getattr(args, name) for name in ARCHITECTURE])
+
+
+def vocabulary_digest(tokenizer) -> str:
+    """What the reference's token ids mean: each id's bytes, or a control token's name, hashed."""
     digest = hashlib.sha256()
     for i in range(tokenizer.n_words):
         special = tokenizer.is_special(i)
         data = tokenizer.special_name(i).encode() if special else tokenizer.token_bytes(i)
         digest.update(bytes([special]) + len(data).to_bytes(4, "little") + data)
-    return {"architecture": json.dumps({k: getattr(args, k) for k in ARCHITECTURE}),
-            "tokenizer": f"sha256:{digest.hexdigest()}"}
+    return f"sha256:{digest.hexdigest()}"
 
 
 def check_fit(ref: dict, about: dict, args, tokenizer, vision: bool, path) -> None:
-    """Refuse a reference made from another model than the one scored: other shapes, another tokenizer,
-    token ids outside its vocabulary, or an image conversation for a model without vision."""
-    ours = identity(args, tokenizer)
-    theirs = parse_json(about.get("architecture", "{}"), f"{path}: the architecture metadata")
-    theirs = theirs if isinstance(theirs, dict) else {}
-    differ = [f"{k} {theirs.get(k)} (reference) vs {v}" for k, v in json.loads(ours["architecture"]).items()
-              if theirs.get(k) != v]
+    """Refuse a reference made from another model than the one scored: other shapes, another tokenizer
+    (when the reference names its own), token ids outside the vocabulary, or an image conversation for a
+    model without vision."""
+    theirs = ref.get("architecture")
+    if theirs is None or theirs.shape != (len(ARCHITECTURE),):
+        raise InputError(f"{path}: the reference records no architecture [{len(ARCHITECTURE)}]: make it again")
+    differ = [f"{name} {int(a)} (reference) vs {b}" for name, a, b in zip(ARCHITECTURE, theirs, architecture(args))
+              if a != b]
     if differ:
         raise InputError(f"{path}: made from another model: {', '.join(differ)}")
-    if about.get("tokenizer") != ours["tokenizer"]:
-        raise InputError(f"{path}: made with another tokenizer (vocabulary digest {about.get('tokenizer')!r:.30}, "
-                         f"this model's {ours['tokenizer']!r:.30}): its token ids mean other text")
+    if "tokenizer" in about and about["tokenizer"] != (ours := vocabulary_digest(tokenizer)):
+        raise InputError(f"{path}: made with another tokenizer (vocabulary digest {about['tokenizer']:.20}..., this "
+                         f"model's {ours:.20}...): its token ids mean other text")
     for name in ("text_tokens", "top_ids", "chat_tokens"):
         if name in ref and ref[name].numel() and not 0 <= int(ref[name].min()) <= int(ref[name].max()) < args.vocab_size:
             raise InputError(f"{path}: {name} holds ids outside this model's vocabulary of {args.vocab_size}")
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             chat = conversation(tokenizer, read_json(Path(args.messages))) if args.messages else None
             ref = make_reference(session.load(), chunks, top_k, chat)
             save_reference(args.out, ref, {"model": args.model, "dtype": args.dtype, "top_k": str(top_k),
-                                           **identity(model_args, tokenizer)})
+                                           "tokenizer": vocabulary_digest(tokenizer)})
             print(f"{args.out}: {len(ref['target_logprob'])} positions, {Path(args.out).stat().st_size / 1e6:.1f} MB")
         else:
             ref, about = load_reference(args.reference)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import batch
 import compare_server
 import generate
 import serve
@@ -107,12 +108,12 @@ def test_perturbed_weights_fail_the_model_layer(reference, tmp_path, capsys):
 
 def test_a_token_other_than_the_argmax_fails_the_decoding_layer(reference, session, monkeypatch, capsys):
     """serve.py whose sampler takes the second most likely token at the third step, temperature 0 or not."""
-    real, steps = generate.sample, []
+    real, steps = batch.sample, []
 
     def sample(logits, s, generator=None):
         steps.append(1)
         return logits.topk(2).indices[..., 1].reshape(1) if len(steps) == 3 else real(logits, s, generator)
-    monkeypatch.setattr(generate, "sample", sample)
+    monkeypatch.setattr(batch, "sample", sample)
     with serving(session) as url:
         code, lines = suite(url, reference[0], capsys, "--cases", "plain_text")
     assert code == 1 and "departs at the decoding layer: position 2: took" in lines["plain_text"]

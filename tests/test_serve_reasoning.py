@@ -10,6 +10,7 @@ import pytest
 import torch
 from openai import OpenAI
 
+import batch
 import generate
 from chat import encode_chat
 from checkpoints import TINY_VISION_PARAMS, write_native
@@ -52,7 +53,7 @@ def scripted(monkeypatch, ids: list[int]):
     def sample(logits, s, generator=None):
         return torch.tensor([next(script)])
     with monkeypatch.context() as m:
-        m.setattr(generate, "sample", sample)
+        m.setattr(batch, "sample", sample)
         yield
 
 
