@@ -658,6 +658,21 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def start_events(self):
+        """A 200 whose body is server-sent events (send_event), ended by closing the connection."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")   # the stream's end is the connection's
+        self.end_headers()
+        self.close_connection = True
+
+    def send_event(self, data: dict | str):
+        """One server-sent event: `data: JSON` (or a bare word such as [DONE])."""
+        self.wfile.write(f"data: {json.dumps(data, ensure_ascii=False) if isinstance(data, dict) else data}\n\n"
+                         .encode())
+        self.wfile.flush()
+
     def skip_body(self, seconds: float = 5.0):
         """Read and drop the unread part of a refused request's body, for a few seconds at most: a
         connection closed with input unread is reset, and the client may lose the response."""
@@ -777,17 +792,8 @@ class Handler(BaseHTTPRequestHandler):
         """Server-sent events: a role delta, content deltas, tool-call deltas, the finish reason, the
         usage (if asked), [DONE]. A client that goes away cancels its job."""
         request = job.request
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")   # the stream's end is the connection's
-        self.end_headers()
-        self.close_connection = True
-
-        def send(data: dict | str):
-            self.wfile.write(f"data: {json.dumps(data, ensure_ascii=False) if isinstance(data, dict) else data}\n\n"
-                             .encode())
-            self.wfile.flush()
+        self.start_events()
+        send = self.send_event
 
         def chunk(delta: dict, logprobs: list | None = None, finish: str | None = None) -> dict:
             choice = {"index": 0, "delta": delta, "finish_reason": finish,
@@ -863,17 +869,8 @@ class Handler(BaseHTTPRequestHandler):
         event."""
         first = next(choices[0])   # an error before anything is sent is an ordinary error response
         choices[0] = itertools.chain([first], choices[0])
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-
-        def send(data: dict | str):
-            self.wfile.write(f"data: {json.dumps(data, ensure_ascii=False) if isinstance(data, dict) else data}\n\n"
-                             .encode())
-            self.wfile.flush()
+        self.start_events()
+        send = self.send_event
 
         extra = {"usage": None} if include_usage else {}
         try:
