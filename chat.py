@@ -1,9 +1,10 @@
 """Chat layout: OpenAI-style conversations -> token ids and images, and generated ids -> text and tool calls.
 
 encode_chat() gives, token for token, what mistral-common's encode_chat_completion gives for the same
-conversation; parse_output() reads one generated assistant turn back; load_system_prompt() fills the
-model repository's SYSTEM_PROMPT.txt. The layout depends on the tokenizer version:
-v7 (Mistral Small 3.1), v11 (Mistral Small 3.2, Magistral Small 2506), v13 (later releases).
+conversation; parse_output() reads one generated assistant turn back, and OutputStream reads it as it is
+generated; load_system_prompt() fills the model repository's SYSTEM_PROMPT.txt. The layout depends on the
+tokenizer version: v7 (Mistral Small 3.1), v11 (Mistral Small 3.2, Magistral Small 2506), v13 (later
+releases: Magistral Small 2507 and 2509).
 
     <s>[SYSTEM_PROMPT]You are ...[/SYSTEM_PROMPT]                   system messages stay in place
     [INST]What is the weather in Paris?[/INST]                        consecutive user messages are joined
@@ -18,13 +19,22 @@ v7 writes the calls of one turn as a single JSON list instead:
 
 One <s>, no </s> after user, system or tool messages; the prompt ends after [/INST] or
 [/TOOL_RESULTS], or inside a final assistant message marked {"prefix": True}, which the model continues.
+
+Reasoning. System and assistant messages may hold thinking parts, {"type": "thinking", "thinking": "...",
+"closed": True} (mistral-common's ThinkChunk); an assistant message's `reasoning_content` (or `reasoning`,
+the newer name), as OpenAI-compatible servers return it, is a thinking part before its content. v13 writes
+a thought between control tokens, v11 (Magistral Small 2506) in the text, as mistral-common's chat
+template for that model does:
+    v13  [INST]What is 2+2?[/INST][THINK]2 and 2 make 4.[/THINK]4.</s>
+    v11  [INST]What is 2+2?[/INST]<think>2 and 2 make 4.</think>4.</s>
+A model's answer is read back the same way: reasoning is what lies between [THINK] and [/THINK], or, for
+the text form, between a <think> that opens the answer and </think>.
 """
 import codecs
 import json
 import random
 import re
 import string
-import sys
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from itertools import groupby
@@ -38,6 +48,9 @@ from inputs import MAX_DEPTH, InputError, check_depth, json_depth, read_text
 
 VERSIONS = ("v7", "v11", "v13")
 JOIN = "\n\n"  # joins the texts of consecutive user (or assistant) messages and text parts
+THINK_TAGS = ("<think>", "</think>")  # Magistral Small 2506 thinks in text (v11 has no [THINK] token)
+REASONING_FIELDS = ("reasoning_content", "reasoning")  # an assistant message's reasoning, two names
+KINDS = ("reasoning", "content")  # what OutputStream's pieces are
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # function names
 NAME_RULE = "must be 1-64 letters, digits, '_' or '-'"
 CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # tool-call ids up to v11
@@ -52,8 +65,16 @@ MAY_FOLLOW = {
 
 
 @dataclass
+class Thinking:
+    """A thinking part: reasoning, as mistral-common's ThinkChunk. An open one (closed=False) has no end
+    marker: the model goes on thinking."""
+    text: str
+    closed: bool = True
+
+
+@dataclass
 class Turn:
-    """One checked message. `parts` holds text (str) and image tensors [3, H, W], in order."""
+    """One checked message. `parts` holds text (str), image tensors [3, H, W] and Thinking, in order."""
     role: str  # system | user | assistant | tool
     index: int  # position of the (first) message in the caller's list, for error messages
     parts: list = field(default_factory=list)
@@ -62,9 +83,10 @@ class Turn:
     prefix: bool = False  # assistant: the model continues it
 
 
-def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
-                ) -> tuple[list[int], list[torch.Tensor]]:
-    """Token ids of the prompt, and its images as pixel tensors [3, H, W] in prompt order."""
+def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                system: str | list[dict] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+    """Token ids of the prompt, and its images as pixel tensors [3, H, W] in prompt order. system: the
+    system prompt of a conversation that has no system message (errors still count the caller's messages)."""
     version = tokenizer.version
     if version not in VERSIONS:
         raise InputError(f"no chat layout for tokenizer version {version!r}; expected one of {VERSIONS}")
@@ -74,6 +96,8 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
         raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     turns = [read_message(tokenizer, message, i) for i, message in enumerate(messages)]
     check_order(turns)
+    if system and not any(turn.role == "system" for turn in turns):
+        turns.insert(0, read_message(tokenizer, {"role": "system", "content": system}, -1))
     turns = join_turns(turns, version)
 
     users = [k for k, turn in enumerate(turns) if turn.role == "user"]
@@ -85,7 +109,7 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
         if k == tools_at:
             ids += [special("[AVAILABLE_TOOLS]"), *tokenizer.encode(tools_json), special("[/AVAILABLE_TOOLS]")]
         if turn.role == "system":
-            ids += [special("[SYSTEM_PROMPT]"), *tokenizer.encode("".join(turn.parts)), special("[/SYSTEM_PROMPT]")]
+            ids += [special("[SYSTEM_PROMPT]"), *content_ids(tokenizer, turn.parts), special("[/SYSTEM_PROMPT]")]
         elif turn.role == "user":
             ids += [special("[INST]"), *user_ids(tokenizer, turn.parts, images), special("[/INST]")]
         elif turn.role == "assistant":
@@ -116,6 +140,11 @@ def read_message(tokenizer, message: dict, i: int) -> Turn:
         fail(i, role, "has no content")
     turn = Turn(role, i, read_content(tokenizer, content, i, role))
     if role == "assistant":
+        reasoning = read_reasoning(message, i)
+        if reasoning is not None:
+            if any(isinstance(part, Thinking) for part in turn.parts):
+                fail(i, role, "has thinking parts in its content and a reasoning field; send one of them")
+            turn.parts.insert(0, thinking_part(tokenizer, reasoning, i, role))
         calls = message.get("tool_calls") or []
         if not isinstance(calls, list):
             fail(i, role, f"tool_calls must be a list, got {type(calls).__name__}")
@@ -147,8 +176,14 @@ def read_content(tokenizer, content, i: int, role: str) -> list:
             parts.append(read_image(tokenizer, holder.get(key), i, k))
         elif slot is not None:
             fail(i, role, f"part {k}: images are only allowed in user messages")
+        elif kind == "thinking":
+            closed = part.get("closed", True)
+            if not isinstance(part.get("thinking"), str) or not isinstance(closed, bool):
+                fail(i, role, f"part {k}: a thinking part is {{'type': 'thinking', 'thinking': str, "
+                              f"'closed': bool (default True)}}, got {part!r:.80}")
+            parts.append(thinking_part(tokenizer, part["thinking"], i, role, closed))
         else:
-            fail(i, role, f"part {k}: expected a 'text', 'image_url' or 'image' part, got {part!r:.80}")
+            fail(i, role, f"part {k}: expected a 'text', 'image_url', 'image' or 'thinking' part, got {part!r:.80}")
     return parts
 
 
@@ -168,6 +203,27 @@ def image_slots(messages) -> list[tuple[dict, str]]:
     return [slot for message in (messages if isinstance(messages, list) else []) if isinstance(message, dict)
             for part in (message.get("content") if isinstance(message.get("content"), list) else [])
             if (slot := image_slot(part)) is not None]
+
+
+def read_reasoning(message: dict, i: int) -> str | None:
+    """An assistant message's reasoning field: `reasoning_content` or `reasoning` (equal if both)."""
+    given = {key: message[key] for key in REASONING_FIELDS if message.get(key) is not None}
+    for key, value in given.items():
+        if not isinstance(value, str):
+            fail(i, "assistant", f"{key} must be a string, got {type(value).__name__}")
+    if len(set(given.values())) > 1:
+        fail(i, "assistant", "reasoning_content and reasoning differ; send one of them")
+    return next(iter(given.values()), None)
+
+
+def thinking_part(tokenizer, text: str, i: int, role: str, closed: bool = True) -> Thinking:
+    if role not in ("system", "assistant"):
+        fail(i, role, "thinking is only allowed in system and assistant messages")
+    if tokenizer.version == "v7":
+        fail(i, role, "tokenizer v7 has no layout for thinking (reasoning models use v11 or v13)")
+    if tokenizer.version == "v13" and optional_special(tokenizer, "[THINK]") is None:
+        fail(i, role, "this v13 tokenizer has no [THINK] token: it is not a reasoning model's")
+    return Thinking(text, closed)
 
 
 def read_image(tokenizer, source, i: int, k: int) -> torch.Tensor:
@@ -332,7 +388,8 @@ def join_turns(turns: list[Turn], version: str) -> list[Turn]:
 
 
 def join_texts(parts: list) -> list:
-    """Drop empty texts and join neighbouring texts with a blank line; images stay where they are."""
+    """Drop empty texts and join neighbouring texts with a blank line; images and thoughts stay where they
+    are, and end a text."""
     out: list = []
     for part in parts:
         if isinstance(part, str) and not part:
@@ -368,9 +425,30 @@ def image_ids(tokenizer, pixels: torch.Tensor) -> list[int]:
     return ids
 
 
+def content_ids(tokenizer, parts: list) -> list[int]:
+    """Text and thinking parts. v13 writes a thought between [THINK] and [/THINK] (an open one without the
+    end) and encodes each part on its own; v11 writes it into the text between <think> and </think> and
+    encodes the whole text at once, as a tokenizer does the text of a chat template."""
+    if tokenizer.version != "v13":
+        begin, end = THINK_TAGS
+        return tokenizer.encode("".join(begin + part.text + end * part.closed if isinstance(part, Thinking)
+                                        else part for part in parts))
+    ids = []
+    for part in parts:
+        if isinstance(part, Thinking):
+            ids += [tokenizer.special_id("[THINK]"), *tokenizer.encode(part.text)]
+            ids += [tokenizer.special_id("[/THINK]")] * part.closed
+        else:
+            ids += tokenizer.encode(part)
+    return ids
+
+
 def assistant_ids(tokenizer, turn: Turn) -> list[int]:
     special = tokenizer.special_id
-    ids = tokenizer.encode("".join(turn.parts).rstrip(" "))  # trailing spaces never end a trained answer
+    if all(isinstance(part, str) for part in turn.parts):  # trailing spaces never end a trained answer
+        ids = tokenizer.encode("".join(turn.parts).rstrip(" "))
+    else:  # as mistral-common, which strips only content that is all text
+        ids = content_ids(tokenizer, turn.parts)
     if tokenizer.version == "v7" and turn.calls:  # all calls as one JSON list
         listed = [{"name": c["name"], "arguments": c["arguments"], "id": c["id"]} for c in turn.calls]
         ids += [special("[TOOL_CALLS]"), *tokenizer.encode(json.dumps(listed, ensure_ascii=False))]
@@ -407,12 +485,15 @@ class ToolCall:
 class AssistantOutput:
     content: str  # the answer, without reasoning and tool calls
     tool_calls: list[ToolCall]
-    reasoning: str | None = None  # Magistral: the text between <think> and </think>
+    reasoning: str | None = None  # reasoning models: the thought, None where the answer began none
 
-    def to_message(self) -> dict:
-        """This turn as an assistant message to append to the conversation (reasoning left out).
-        Calls without an id get a fresh random one, as OpenAI-compatible servers do."""
+    def to_message(self, reasoning: bool = False) -> dict:
+        """This turn as an assistant message to append to the conversation; its reasoning as
+        `reasoning_content` only if asked (see drop_reasoning). Calls without an id get a fresh random
+        one, as OpenAI-compatible servers do."""
         message: dict = {"role": "assistant", "content": self.content}
+        if reasoning and self.reasoning is not None:
+            message["reasoning_content"] = self.reasoning
         if self.tool_calls:
             message["tool_calls"] = [{"id": call.id or new_call_id(), "type": "function",
                                       "function": {"name": call.name, "arguments": call.raw_arguments}}
@@ -424,27 +505,155 @@ def new_call_id() -> str:
     return "".join(random.choices(string.ascii_letters + string.digits, k=9))
 
 
-def parse_output(tokenizer, ids) -> AssistantOutput:
-    """Read the generated ids of one assistant turn (up to </s>, which may be absent). Never raises on
-    malformed calls: they come back with `error` set and the raw text kept."""
+def parse_output(tokenizer, ids, tags: bool = True) -> AssistantOutput:
+    """Read the generated ids of one assistant turn (up to </s>, which may be absent): the reasoning and
+    the content as OutputStream gives them, then the tool calls. Never raises on malformed calls: they
+    come back with `error` set and the raw text kept. tags: see OutputStream."""
     ids = [int(i) for i in ids]
     if tokenizer.eos_id in ids:
         ids = ids[:ids.index(tokenizer.eos_id)]
+    stream = OutputStream(tokenizer, tags)
+    pieces = [piece for token in ids for piece in stream.feed(token)] + stream.close()
+    reasoning, content = ("".join(text for kind, text in pieces if kind == k) for k in KINDS)
     marker = tokenizer.special_id("[TOOL_CALLS]")
     starts = [k for k, i in enumerate(ids) if i == marker]
-    reasoning, content = split_reasoning(tokenizer.decode(ids[:starts[0]] if starts else ids))
     calls = []
     for start, end in zip(starts, starts[1:] + [len(ids)]):
         calls += parse_calls(tokenizer, ids[start + 1:end])
-    return AssistantOutput(content, calls, reasoning)
+    return AssistantOutput(content, calls, reasoning if stream.reasoned else None)
 
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """Magistral answers '<think>\\n...\\n</think>\\nanswer' in plain text; a cut-off thought has no answer."""
-    if not text.lstrip().startswith("<think>"):
-        return None, text
-    thought, closed, answer = text.lstrip()[len("<think>"):].partition("</think>")
-    return thought.strip(), (answer.lstrip() if closed else "")
+class OutputStream:
+    """One assistant turn read as it is generated: feed() takes each generated id and gives back the new
+    text as (kind, text) pieces, kind "reasoning" or "content"; close() gives what was held back. Their
+    concatenation, kind by kind, is what parse_output returns: a streamed answer and a whole one agree.
+
+        stream = OutputStream(tokenizer)
+        for token in generated:
+            for kind, text in stream.feed(token):
+                print(text, end="", file=sys.stderr if kind == "reasoning" else sys.stdout)
+        stream.close()
+
+    Reasoning is what lies between the ids of [THINK] and [/THINK] (v13), or, for a tokenizer without
+    them and with tags=True, between a <think> that opens the answer (after blanks) and </think>: the
+    text form of Magistral Small 2506, whose thought and answer lose their surrounding blanks as its
+    template writes them on lines of their own. Text that merely holds "[THINK]" or "<think>" is content;
+    an answer cut off inside its thought has reasoning and no content. The text stops at [TOOL_CALLS]
+    (`calls` is then True: the rest is tool calls, for parse_output) and at </s>. Text is decoded run by
+    run between special tokens, as Tokenizer.decode does; a character split across tokens comes out whole."""
+
+    def __init__(self, tokenizer, tags: bool = True, split: bool = True):
+        self.tokenizer = tokenizer
+        # split False: plain text, every token's text as content (no thought, no tool calls, no end at
+        # </s>): a completion's text, or an echoed prompt's
+        special = (lambda name: optional_special(tokenizer, name)) if split else (lambda name: None)
+        self.begin, self.end = special("[THINK]"), special("[/THINK]")
+        self.tags = tags and split and self.begin is None
+        self.marker, self.eos = special("[TOOL_CALLS]"), tokenizer.eos_id if split else None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.leading_space = tokenizer.leading_space
+        self.kind = "content"
+        self.reasoned = False  # a thought began
+        self.calls = self.done = False
+        self.held = ""  # text form: what may still be part of a tag, or blanks that may end a thought
+        self.state = "start" if self.tags else "answer"  # text form: start, thought, after (the tag), answer
+
+    def feed(self, token: int) -> list[tuple[str, str]]:
+        if self.done or self.calls:
+            return []
+        if token in (self.marker, self.eos):
+            self.calls = token == self.marker
+            return self.close()
+        if not self.tokenizer.is_special(token):
+            text = self.decoder.decode(self.tokenizer.token_bytes(token))
+            if self.leading_space and text:   # the space SentencePiece's encoder put in front of the text
+                text, self.leading_space = text.removeprefix(" "), False
+            return self.text(text)
+        pieces = self.text(self.decoder.decode(b"", final=True))  # a special token ends a run of text
+        if token == self.begin:
+            self.kind, self.reasoned = "reasoning", True
+        elif token == self.end and self.kind == "reasoning":
+            self.kind = "content"
+        return pieces
+
+    def close(self) -> list[tuple[str, str]]:
+        """The end of the turn: the text held back, a thought's blanks dropped."""
+        if self.done:
+            return []
+        pieces = self.text(self.decoder.decode(b"", final=True))
+        self.done = True
+        held, self.held = self.held, ""
+        if self.state == "thought":   # cut off in the thought: what it held, but the blanks that end it
+            held = held.rstrip()
+            return pieces + [("reasoning", held)] * bool(held)
+        return pieces + [(self.kind, held)] * bool(held and self.state == "start")
+
+    def text(self, text: str) -> list[tuple[str, str]]:
+        if not self.tags:
+            return [(self.kind, text)] if text else []
+        return self.tagged(self.held + text)
+
+    def tagged(self, text: str) -> list[tuple[str, str]]:
+        """The text form: a state machine over the text, holding back what it cannot judge yet."""
+        begin, end = THINK_TAGS
+        self.held = ""
+        if self.state == "start":
+            opening = text.lstrip()
+            if len(opening) < len(begin) and begin.startswith(opening):   # blanks, or the start of <think>
+                self.held = text
+                return []
+            if not opening.startswith(begin):
+                self.state = "answer"
+                return [("content", text)]
+            self.state, self.reasoned, text = "thought", True, opening[len(begin):]
+        pieces = []
+        if self.state == "thought":
+            if self.kind == "content":  # nothing of the thought shown yet: its leading blanks go
+                text = text.lstrip()
+            thought, closed, text = text.partition(end)
+            if not closed:   # hold what may start </think>, and blanks that may end the thought
+                keep = len(thought) - partial_suffix(thought, end)
+                keep = len(thought[:keep].rstrip())
+                thought, self.held = thought[:keep], thought[keep:]
+            thought = thought.rstrip() if closed else thought
+            if thought:
+                self.kind = "reasoning"
+                pieces.append(("reasoning", thought))
+            if not closed:
+                return pieces
+            self.state, self.kind = "after", "content"
+        if self.state == "after":  # the answer loses its leading blanks
+            text = text.lstrip()
+            if not text:
+                return pieces
+            self.state = "answer"
+        return pieces + [("content", text)] * bool(text)
+
+
+def partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is a beginning of `tag` (shorter than tag)."""
+    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
+
+
+def drop_reasoning(messages: list) -> list:
+    """The conversation without the reasoning of its assistant messages (thinking parts, reasoning_content,
+    reasoning): the default of the CLI's and the server's --keep-reasoning, as earlier thoughts fill the
+    context and the model card leaves the choice to the user. A final prefix message keeps its thought:
+    the model is continuing it. An assistant message left with nothing is left out. The messages are not
+    changed; anything that is not an assistant message passes as it is, for encode_chat to judge."""
+    out = []
+    for k, message in enumerate(messages):
+        if (not isinstance(message, dict) or message.get("role") != "assistant"
+                or (k == len(messages) - 1 and message.get("prefix") is True)):
+            out.append(message)
+            continue
+        message = {key: value for key, value in message.items() if key not in REASONING_FIELDS}
+        if isinstance(message.get("content"), list):
+            message["content"] = [part for part in message["content"]
+                                  if not (isinstance(part, dict) and part.get("type") == "thinking")]
+        if message.get("content") or message.get("tool_calls"):
+            out.append(message)
+    return out
 
 
 def parse_calls(tokenizer, ids: list[int]) -> list[ToolCall]:
@@ -494,58 +703,14 @@ def optional_special(tokenizer, name: str) -> int | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------- streaming text
-
-class TextStream:
-    """Generated ids as text as they come, written piece by piece (printed by default); a UTF-8
-    character split across tokens is written once complete. Control tokens write nothing."""
-
-    def __init__(self, tokenizer, write=None):
-        self.tokenizer = tokenizer
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.write = write or (lambda text: print(text, end="", flush=True))
-
-    def __call__(self, token: int):
-        if not self.tokenizer.is_special(token):
-            self.write(self.decoder.decode(self.tokenizer.token_bytes(token)))
-
-    def flush(self):
-        self.write(self.decoder.decode(b"", final=True))
-
-
-class ReasoningSplit:
-    """For Magistral: text between <think> and </think> goes to stderr, the answer to stdout."""
-
-    def __init__(self):
-        self.buffer, self.thinking = "", False
-
-    def __call__(self, text: str):
-        self.buffer += text
-        while self.buffer:
-            tag = "</think>" if self.thinking else "<think>"
-            i = self.buffer.find(tag)
-            if i < 0:
-                keep = partial_suffix(self.buffer, tag)   # hold back what may be the start of a tag
-                self._emit(self.buffer[:len(self.buffer) - keep])
-                self.buffer = self.buffer[len(self.buffer) - keep:]
-                return
-            self._emit(self.buffer[:i])
-            self.buffer, self.thinking = self.buffer[i + len(tag):], not self.thinking
-
-    def _emit(self, text: str):
-        print(text, end="", flush=True, file=sys.stderr if self.thinking else sys.stdout)
-
-
-def partial_suffix(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that is a beginning of `tag` (shorter than tag)."""
-    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
-
-
 # ---------------------------------------------------------------------------------------- system prompt
 
-def load_system_prompt(path, name: str, today: date | None = None) -> str:
+def load_system_prompt(path, name: str, today: date | None = None) -> str | list[dict]:
     """SYSTEM_PROMPT.txt (or a model folder holding it) with {name}, {today} and {yesterday} filled in.
-    `name` is the model name or repo id ("mistralai/Mistral-Small-3.2-24B-Instruct-2506"); dates are YYYY-MM-DD."""
+    `name` is the model name or repo id ("mistralai/Mistral-Small-3.2-24B-Instruct-2506"); dates are YYYY-MM-DD.
+    The prompt of Magistral Small 2507 and 2509 shows the model its answer's layout with a thought in it,
+    "...[THINK]Your thoughts...[/THINK]Here, ...": that comes back as content parts, text, a thinking part
+    and text, as the model cards load it (this file is the model's own; user text is never read so)."""
     path = Path(path)
     path = path / "SYSTEM_PROMPT.txt" if path.is_dir() else path
     text = read_text(path, what=f"system prompt file {path}")   # a FIFO is refused, never opened
@@ -554,4 +719,9 @@ def load_system_prompt(path, name: str, today: date | None = None) -> str:
               "{yesterday}": f"{today - timedelta(days=1):%Y-%m-%d}"}
     for key, value in fields.items():  # not str.format: Magistral's prompt holds a literal "\boxed{}"
         text = text.replace(key, value)
-    return text
+    before, begin, rest = text.partition("[THINK]")
+    thought, end, after = rest.partition("[/THINK]")
+    if not (begin and end):
+        return text
+    return [{"type": "text", "text": before}, {"type": "thinking", "thinking": thought, "closed": True},
+            {"type": "text", "text": after}]

@@ -3,14 +3,21 @@
     python generate.py "Why is the sky blue?"
     python generate.py --image photo.png "What should I do here?"
     python generate.py --messages chat.json --tools tools.json
+    python generate.py -i                                                # a chat; /help lists its commands
     python generate.py --temperature 0 --dump out.safetensors "Hello"    # then: python dump.py compare ...
     torchrun --nproc_per_node=2 generate.py "Hello"                      # split over 2 GPUs (parallel.py)
     python generate.py --model unsloth/Mistral-Small-3.2-24B-Instruct-2506-GGUF:Q4_K_M "Hello"   # a GGUF
 
-The loop: encode the conversation (chat.py), prefill the prompt once, then sample one token per step
-through the KV cache until </s> or the token limit, streaming the text as it comes. The sampler and
-the loop work on token ids alone; Session adds the files, the tokenizer and the chat layout; the
-command line adds flags, printing and dumps.
+The data flow:
+
+    files -> checkpoint.read_checkpoint -> Checkpoint (config, weight files, tokenizer) -> load_model -> model
+    messages -> chat.encode_chat -> prompt ids + pixels -> stream -> Step, Step, ... -> consumers
+    consumers: Session.complete (a Reply), the terminal (chat.OutputStream), the dump (dump.Recorder), serve.py
+
+`stream` prefills the prompt once, then samples one token per step through the KV cache until </s> or
+the token limit, yielding each token as it is chosen; a consumer stops it by leaving its loop. The
+sampler and the loop work on token ids alone; Session adds the files, the tokenizer and the chat layout;
+the command line adds flags, printing and dumps.
 """
 import argparse
 import functools
@@ -24,18 +31,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import readline  # noqa: F401  (input() then edits lines and keeps their history: the interactive chat)
+except ImportError:   # not on every platform
+    pass
+
 import torch
 
-import gguf_file
-from chat import AssistantOutput, ReasoningSplit, TextStream, encode_chat, load_system_prompt, parse_output
+from chat import (AssistantOutput, OutputStream, drop_reasoning, encode_chat, image_slots, load_system_prompt,
+                  parse_output)
+from checkpoint import DEFAULT_MODEL, read_checkpoint
 from dump import Recorder, write_dump
+from images import load_image
 from inputs import InputError, read_json, read_text, regular_file
-from load import (DEFAULT_MODEL, DTYPES, device_problem, load_model, model_name, pick_device, read_checkpoint,
-                  resolve_model, tokenizer_file)
-from parallel import check_split, close, is_lead, launched, mesh_from_env
+from load import DTYPES, device_problem, load_model, pick_device
+from parallel import close, is_lead, launched, mesh_from_env, world_size
 from quants import QUANT_MATH
-from tokenizer import Tokenizer
-from vision import check_tokenizer
 
 
 @dataclass
@@ -47,7 +58,13 @@ class Sampling:
     max_tokens: int | None = None
 
 
+# The sampling of each model card ("Sampling parameters"). A model takes the first entry whose words all
+# appear in its name, case ignored ("unsloth/Magistral-Small-2509-GGUF:Q4_K_M" is "Magistral 2509"); a
+# model that matches none, the last entry's. Magistral 2506's card keeps to 40k tokens: past them its
+# answers get worse.
 MODEL_CARD_DEFAULTS = {
+    "Magistral 2509": Sampling(temperature=0.7, top_p=0.95, max_tokens=131072),
+    "Magistral 2507": Sampling(temperature=0.7, top_p=0.95, max_tokens=40960),
     "Magistral": Sampling(temperature=0.7, top_p=0.95, max_tokens=40960),
     # The card gives no limit; the KV cache is sized to prompt + max_tokens and every decoding step reads
     # all of it, so a bounded default keeps the 24 B model's cache small (4096 positions: 0.7 GB in bf16).
@@ -56,7 +73,7 @@ MODEL_CARD_DEFAULTS = {
 
 
 def is_reasoning_model(model_name: str) -> bool:
-    """Magistral thinks aloud between <think> and </think> before it answers."""
+    """Magistral thinks before it answers (see chat.OutputStream)."""
     return "magistral" in model_name.lower()
 
 
@@ -79,7 +96,9 @@ def sampling_problem(field: str, value) -> str | None:
 
 
 def card_defaults(model_name: str) -> Sampling:
-    key = "Magistral" if is_reasoning_model(model_name) else "Mistral Small 3.x"
+    name = model_name.lower()
+    key = next((key for key in MODEL_CARD_DEFAULTS if all(word in name for word in key.lower().split())),
+               list(MODEL_CARD_DEFAULTS)[-1])
     return Sampling(**vars(MODEL_CARD_DEFAULTS[key]))
 
 
@@ -88,10 +107,12 @@ def card_defaults(model_name: str) -> Sampling:
 def filter_probs(probs: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """probs [B, V] -> probs with all but the top_k most likely tokens zeroed, then all but the
     smallest set (of those, renormalized) whose mass reaches top_p. Not renormalized at the end:
-    torch.multinomial does not need it."""
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    if top_k > 0:
-        sorted_p[..., top_k:] = 0.0
+    torch.multinomial does not need it. Sorting the vocabulary costs more than the rest of a small
+    model's step: it is sorted only for top_p, and top_k alone takes the k largest."""
+    k = top_k if 0 < top_k < probs.shape[-1] else 0            # 0: every token
+    if k == 0 and top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.topk(k, dim=-1) if k else probs.sort(dim=-1, descending=True)   # [B, k or V]
     if top_p < 1.0:
         renorm = sorted_p / sorted_p.sum(-1, keepdim=True)
         mass_before = renorm.cumsum(-1) - renorm
@@ -113,8 +134,15 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
 class Stats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
+    prefill_s: float = 0.0         # to the first token
+    decode_s: float = 0.0          # the decoding steps after it, less compile_s
+    compile_s: float = 0.0         # with compile: the first decoding step, which compiles it (a new cache size
+                                   # compiles again), kept out of decode_s
+
+    @property
+    def decode_steps(self) -> int:
+        """The steps that decode_s times."""
+        return max(self.generated_tokens - 1 - (self.compile_s > 0), 0)
 
 
 @dataclass
@@ -139,10 +167,11 @@ def prefill(model, prompt: list[int], images: list, hidden: list | None = None,
 
 def decode_step(model, token: torch.Tensor, pos: torch.Tensor, collect_hidden: list | None = None,
                 kv_len: int | None = None) -> torch.Tensor:
-    """One generated token [B, 1] at position pos [1] -> float32 logits [B, 1, V]. The token is embedded
-    as it is, unchecked (the image check of model.embed reads the tokens on the host), so the step never
-    waits for the host. kv_len: the cache positions attention reads (pos + 1, known on the host);
-    None reads the whole cache, masked, so that every step has the same shapes: what a CUDA graph needs."""
+    """One generated token [B, 1] at position pos [1], or each at its own position pos [B, 1] (batch.py),
+    -> float32 logits [B, 1, V]. The token is embedded as it is, unchecked (the image check of model.embed
+    reads the tokens on the host), so the step never waits for the host. kv_len: the cache positions
+    attention reads (the furthest pos + 1, known on the host); None reads the whole cache, masked, so that
+    every step has the same shapes: what a CUDA graph needs."""
     return model.forward_embeddings(model.tok_embeddings(token), pos, collect_hidden, kv_len=kv_len)
 
 
@@ -186,7 +215,9 @@ def stream(model, prompt: list[int], images: list, max_tokens: int, sampling: Sa
         elapsed = time.perf_counter() - start
         if n == 1:
             stats.prefill_s = elapsed
-        stats.generated_tokens, stats.decode_s = n, elapsed - stats.prefill_s
+        elif n == 2 and compile:
+            stats.compile_s = elapsed - stats.prefill_s
+        stats.generated_tokens, stats.decode_s = n, elapsed - stats.prefill_s - stats.compile_s
         yield Step(token, out[0] if logits or prompt_logits else None,
                    [h[0] for h in states] if hidden else None, stats)
         if token in stop_ids or n == max_tokens:
@@ -210,25 +241,11 @@ def generate(model, prompt: list[int], images: list, max_tokens: int, sampling: 
     return ids, stats
 
 
-# ----------------------------------------------------------------------------- files
-
-def resolve_weights(model: str, mmproj: str | None = None) -> tuple[Path, Path | bool | None]:
-    """The weights --model names: a folder (resolve_model), or a GGUF file and its mmproj."""
-    if model.endswith(".gguf") or gguf_file.HUB_QUANT.fullmatch(model):
-        return gguf_file.resolve_gguf(model, mmproj)
-    return resolve_model(model), None
-
-
-def load_tokenizer(path: str | None, folder: Path, checkpoint) -> tuple[Tokenizer, Path]:
-    """The tokenizer and its file: the file given, else the model's own, tekken.json beside the
-    weights or a GGUF's tokenizer.ggml.* (with the image settings of its mmproj)."""
-    if path is not None:
-        path = Path(path)
-        return (gguf_file.gguf_tokenizer(path) if path.suffix == ".gguf" else Tokenizer.from_file(path)), path
-    if checkpoint.layout == "gguf":
-        return gguf_file.gguf_tokenizer(folder, mmproj=checkpoint.files[-1] if checkpoint.vision else False), folder
-    path = tokenizer_file(folder)
-    return Tokenizer.from_file(path), path
+def default_system_prompt(folder: Path, name: str) -> str | list[dict] | None:
+    """The model's SYSTEM_PROMPT.txt filled with its name and today's date (see chat.load_system_prompt);
+    None without one."""
+    path = folder / "SYSTEM_PROMPT.txt"
+    return load_system_prompt(path, name) if os.path.lexists(path) else None
 
 
 # ----------------------------------------------------------------------------- memory and stats
@@ -237,8 +254,8 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     import resource   # POSIX only
-    # ru_maxrss is in kilobytes on Linux, in bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1000) / 1e9
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 def decode_bytes(model) -> int:
@@ -249,15 +266,23 @@ def decode_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def speed(tokens: int, seconds: float) -> str:
+    """Tokens per second, or below 1 seconds per token (where "0.0 tok/s" would say nothing)."""
+    if tokens < 1 or seconds <= 0:
+        return "-"
+    return f"{tokens / seconds:.1f} tok/s" if tokens >= seconds else f"{seconds / tokens:.1f} s/token"
+
+
 def print_stats(stats: Stats, device: torch.device, weight_bytes: int | None = None):
     """weight_bytes: what decode_bytes gives; the line then adds the bandwidth that decoding achieved
     (decoding is memory-bound: each token reads every weight once)."""
-    decode_tokens = max(stats.generated_tokens - 1, 0)
-    rate = decode_tokens / max(stats.decode_s, 1e-9)
-    bandwidth = f" = {weight_bytes * rate / 1e9:.1f} GB/s of weights" if weight_bytes else ""
+    steps = stats.decode_steps
+    bandwidth = f" = {weight_bytes * steps / stats.decode_s / 1e9:.1f} GB/s of weights" \
+        if weight_bytes and steps and stats.decode_s > 0 else ""
+    compiled = f", compiling the decoding step {stats.compile_s:.1f} s" if stats.compile_s else ""
     print(f"[{stats.prompt_tokens} prompt tokens, time to first token {stats.prefill_s:.2f} s, "
-          f"prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.1f} tok/s, "
-          f"decode {rate:.1f} tok/s{bandwidth} ({stats.generated_tokens} tokens), "
+          f"prefill {speed(stats.prompt_tokens, stats.prefill_s)}, "
+          f"decode {speed(steps, stats.decode_s)}{bandwidth} ({stats.generated_tokens} tokens){compiled}, "
           f"peak memory {peak_memory_gb(device):.2f} GB]", file=sys.stderr)
 
 
@@ -281,8 +306,11 @@ class Session:
     model: a local folder or a hub id, or a GGUF (FILE.gguf, or REPO:QUANT on the hub); dtype: "bfloat16",
     "float16" or "float32"; compile: the decoding step through torch.compile. tokenizer: a tokenizer file
     instead of the model's own; mmproj: a GGUF's vision file, or its type on the hub (see
-    gguf_file.resolve_gguf). The weights are loaded with the first answer, once its prompt is known
-    to fit the context; sampling defaults come from the model card (see `sampling`).
+    checkpoint.py). The files are read and checked against each other here, the weights loaded with the
+    first answer, once its prompt is known to fit the context. The defaults are the command line's:
+    sampling from the model card (`sampling`), and answer() opens a conversation that has no system
+    message with the model's SYSTEM_PROMPT.txt, filled with its name and today's date (`system_prompt`;
+    set it to None for none).
     Under torchrun every rank makes its Session and asks it the same questions: the model is split
     over the ranks (parallel.py), each on its own GPU, and every rank gets the same reply."""
 
@@ -291,35 +319,35 @@ class Session:
                  quant_math: str = "fast"):
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-        self.mesh, self.device = mesh_from_env(pick_device(device))   # a bad device fails before any file is read
-        self.folder, self.mmproj = resolve_weights(model, mmproj)
-        self.name = model_name(model)
-        self.checkpoint = read_checkpoint(self.folder, self.mmproj)
-        if self.mesh is not None:
-            check_split(self.checkpoint.args, self.mesh.size())
-        self.tokenizer, source = load_tokenizer(tokenizer, self.folder, self.checkpoint)
-        if self.tokenizer.n_words > self.checkpoint.args.vocab_size:
-            raise InputError(f"the tokenizer {source} has {self.tokenizer.n_words} ids but {self.checkpoint.config} gives "
-                             f"vocab_size {self.checkpoint.args.vocab_size}: the model has no embedding for the "
-                             f"tokenizer's last ids")
-        if self.checkpoint.vision is not None:
-            check_tokenizer(self.checkpoint.vision, self.tokenizer, str(self.checkpoint.config))
+        device = pick_device(device)   # a bad device fails before any file is read
+        self.checkpoint = read_checkpoint(model, mmproj, tokenizer, world_size())
+        self.folder, self.name, self.mmproj = self.checkpoint.path, self.checkpoint.name, self.checkpoint.mmproj
+        self.tokenizer = self.checkpoint.tokenizer
         self.context = self.checkpoint.args.max_position_embeddings
         self.sampling = card_defaults(self.name)
+        self.system_prompt = default_system_prompt(self.folder, self.name)
+        # Under torchrun, the process group once every file has been found good: bad input ends every
+        # rank alike before the ranks wait on each other.
+        self.mesh, self.device = mesh_from_env(device)
         self.reasoning = is_reasoning_model(self.name)
         self.dtype, self.compile, self.quant_math = DTYPES[dtype], compile, quant_math
         self.model = None
 
     def answer(self, messages: list[dict], tools: list | None = None, sampling: Sampling | None = None,
                seed: int | None = None) -> Reply:
-        """The assistant's whole answer to the conversation (OpenAI chat format, see chat.py), never
-        past the end of the context."""
-        ids, images = self.encode(messages, tools)
+        """The assistant's whole answer to the conversation (OpenAI chat format, see chat.py), opened by
+        system_prompt when it has no system message, never past the end of the context."""
+        ids, images = self.encode(messages, tools, self.system_prompt)
         return self.complete(ids, images, sampling, seed)
 
-    def encode(self, messages: list[dict], tools: list | None = None) -> tuple[list[int], list[torch.Tensor]]:
-        """The prompt ids and pixels of a conversation; refused when it leaves no room for an answer."""
-        ids, images = encode_chat(self.tokenizer, messages, tools)
+    def encode(self, messages: list[dict], tools: list | None = None, system: str | None = None
+               ) -> tuple[list[int], list[torch.Tensor]]:
+        """The prompt ids and pixels of a conversation (system: its system prompt if it has no system
+        message); refused when it leaves no room for an answer."""
+        if self.checkpoint.layout == "gguf" and self.checkpoint.vision is None and image_slots(messages):
+            raise InputError(f"{self.folder}: the conversation has images, and no vision file was found beside "
+                             f"this GGUF or given: put the model's mmproj*.gguf beside it, or pass mmproj=FILE")
+        ids, images = encode_chat(self.tokenizer, messages, tools, system)
         if len(ids) >= self.context:
             raise InputError(f"the prompt is {len(ids)} tokens (images included), more than the model's "
                              f"context of {self.context} tokens")
@@ -332,7 +360,7 @@ class Session:
         for step in self.stream(ids, images, sampling, seed):
             out.append(step.token)
             stats = step.stats
-        return Reply(ids, out, parse_output(self.tokenizer, out), stats)
+        return Reply(ids, out, parse_output(self.tokenizer, out, tags=self.reasoning), stats)
 
     def stream(self, ids: list[int], images: list[torch.Tensor], sampling: Sampling | None = None,
                seed: int | None = None, logits: bool = False, prompt_logits: bool = False,
@@ -352,8 +380,8 @@ class Session:
     def load(self):
         """The model, loaded on first use."""
         if self.model is None:
-            self.model = load_model(self.folder, device=self.device, dtype=self.dtype, mesh=self.mesh,
-                                    mmproj=self.mmproj, quant_math=self.quant_math)
+            self.model = load_model(self.checkpoint, device=self.device, dtype=self.dtype, mesh=self.mesh,
+                                    quant_math=self.quant_math)
         return self.model
 
 
@@ -397,21 +425,50 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser that speaks from rank 0 alone under torchrun: a bad flag is one usage and one
+    error for all the processes (each exits), --help one text."""
+
+    def _print_message(self, message: str, file=None) -> None:
+        if is_lead():
+            super()._print_message(message, file)
+
+
+PYTHON_ARGUMENT = re.compile(r"(?<![^\s(])([a-z][a-z_]*)=")   # mmproj=FILE, as library errors name arguments
+
+
+def as_flags(parser: argparse.ArgumentParser, message: str) -> str:
+    """A library error as the command line says it: each Python argument it names (mmproj=FILE, model=...)
+    that is a flag of `parser` named as the flag (--mmproj FILE, --model ...)."""
+    def flag(m: re.Match) -> str:
+        name = "--" + m[1].replace("_", "-")
+        if name not in parser._option_string_actions:
+            return m[0]
+        after = message[m.end():m.end() + 1]
+        return name + (" " if after and after not in " ,;:)" else "")
+    return PYTHON_ARGUMENT.sub(flag, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?", help="the user message; read from standard input when absent")
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="the user message (with -i: the first one); read from standard input "
+                                             "when absent, unless -i or --messages")
     add_model_flags(p)
-    p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    p.add_argument("--image", action="append", default=[], help="image path or URL, with the prompt (with -i: the "
+                                                                "first message); repeatable")
     p.add_argument("--system", help="system prompt text, or a file holding it: one word that ends in .txt or .md "
                                     "or holds a '/' must be a file (default: the model's SYSTEM_PROMPT.txt, "
                                     "filled with its name and the dates)")
-    p.add_argument("--messages", help="a JSON file with a conversation in the OpenAI chat format")
+    p.add_argument("--messages", help="a JSON file with a conversation in the OpenAI chat format; a prompt "
+                                      "continues it")
     p.add_argument("--tools", help="a JSON file with a tool list in the OpenAI format")
-    p.add_argument("--interactive", "-i", action="store_true", help="multi-turn chat; '/image PATH' attaches "
-                                                                     "an image to the next message")
+    p.add_argument("--keep-reasoning", action="store_true", help="a reasoning model's earlier thoughts stay in the "
+                                                                  "prompt (default: left out, as they fill the context)")
+    p.add_argument("--interactive", "-i", action="store_true", help="multi-turn chat, with line editing and "
+                                                                     "history; /help lists its commands")
     add_sampling_flags(p)
     p.add_argument("--dump", help="write prompt ids, generated ids and float32 logits to this .safetensors "
-                                  "(not with --compile)")
+                                  "(not with --compile; with -i: each answer's in turn)")
     p.add_argument("--dump-hidden", action="store_true", help="with --dump: also each block's hidden state "
                                                               "and the vision features")
     return p
@@ -424,12 +481,15 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--compile and --dump cannot be combined: a dump holds the logits of the eager code")
     if args.dump_hidden and not args.dump:
         parser.error("--dump-hidden needs --dump FILE")
+    if args.image and args.messages and args.prompt is None:
+        parser.error("--image with --messages goes with a prompt, the message it adds; the images of the --messages "
+                     "conversation go in its file")
     if launched() and (args.interactive or args.prompt is None and not args.messages):
         parser.error("under torchrun, give the prompt as an argument or with --messages: every process would "
                      "read standard input (-i, or no prompt) for itself")
     for problem in (device_problem(args.device), system_problem(args.system), dump_problem(args.dump)):
         if problem is not None:
-            parser.error(problem)
+            parser.error(as_flags(parser, problem))
 
 
 def check_sampling_flags(parser: argparse.ArgumentParser, args) -> None:
@@ -477,13 +537,13 @@ def flag_sampling(args, card: Sampling) -> Sampling:
                     max_tokens=card.max_tokens if args.max_tokens is None else args.max_tokens)
 
 
-def system_prompt(args, folder: Path, name: str) -> str | None:
-    if args.system is not None:
-        path = Path(args.system)
-        return read_text(path, what=f"--system {args.system}") if path.is_file() else args.system
-    if os.path.lexists(folder / "SYSTEM_PROMPT.txt"):
-        return load_system_prompt(folder / "SYSTEM_PROMPT.txt", name)
-    return None
+def system_prompt(args, session: Session) -> str | list[dict] | None:
+    """The system prompt of a conversation that has none: --system, or the Session's (SYSTEM_PROMPT.txt
+    filled, as answer() takes it)."""
+    if args.system is None:
+        return session.system_prompt
+    path = Path(args.system)
+    return read_text(path, what=f"--system {args.system}") if path.is_file() else args.system
 
 
 MAX_PROMPT_CHARS = 64 * 2**20   # a prompt read from standard input
@@ -501,11 +561,13 @@ def read_flag_files(args) -> tuple[list | None, list | None]:
 
 
 def first_messages(args, session: Session, messages: list | None = None) -> list[dict]:
-    if messages is not None:
-        return messages
-    system = system_prompt(args, session.folder, session.name)
-    messages = [{"role": "system", "content": system}] if system else []
-    if args.interactive:
+    """The conversation the flags give: the --messages file's, then the user message of the command
+    line: the prompt (read from standard input when absent, unless -i or --messages) with --image. (The
+    system prompt goes in when it is encoded: respond.)"""
+    messages = list(messages or [])
+    if args.system is not None and any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        raise InputError(f"--system and the system message of --messages {args.messages}: give one")
+    if args.prompt is None and (args.interactive or args.messages):
         return messages
     text = args.prompt if args.prompt is not None else sys.stdin.read(MAX_PROMPT_CHARS + 1)
     if len(text) > MAX_PROMPT_CHARS:
@@ -521,13 +583,16 @@ def user_message(text: str, images: list[str]) -> dict:
 
 
 def respond(session: Session, messages: list[dict], tools, args) -> AssistantOutput:
-    """Answer on the terminal: the text streamed (Magistral's reasoning to stderr), tool calls as
-    JSON, the stats line; and the dump, if asked for. Ctrl-C ends the answer where it is. Under
-    torchrun only rank 0 prints and writes; every rank records, so that all run the same computation."""
-    ids, images = session.encode(messages, tools)
-    text = TextStream(session.tokenizer, write=ReasoningSplit() if session.reasoning else None)
+    """Answer on the terminal: the answer streamed to stdout and a reasoning model's thought to stderr,
+    tool calls as JSON, the stats line; and the dump, if asked for. Earlier thoughts are left out of the
+    prompt unless --keep-reasoning. Ctrl-C ends the answer where it is. Under torchrun only rank 0
+    prints and writes; every rank records, so that all run the same computation."""
+    ids, images = session.encode(messages if args.keep_reasoning else drop_reasoning(messages), tools,
+                                 system_prompt(args, session))
+    text = OutputStream(session.tokenizer, tags=session.reasoning)
     recorder = Recorder(args.dump_hidden) if args.dump else None
     out, stats = [], Stats(prompt_tokens=len(ids))
+    compiling = session.compile and session.model is None   # the first answer compiles the decoding step
     steps = session.stream(ids, images, seed=args.seed, prompt_logits=recorder is not None, hidden=args.dump_hidden)
     try:   # the answer, not the loading before it
         for step in steps:
@@ -536,13 +601,15 @@ def respond(session: Session, messages: list[dict], tools, args) -> AssistantOut
             if recorder is not None:
                 recorder.add(step.logits, step.hidden)
             if is_lead():
-                text(step.token)
+                if compiling and len(out) == 1:   # the second token waits for it
+                    print("compiling the decoding step...", file=sys.stderr, flush=True)
+                show(text.feed(step.token))
     except KeyboardInterrupt:
         pass
-    output = parse_output(session.tokenizer, out)
+    output = parse_output(session.tokenizer, out, tags=session.reasoning)
     if not is_lead():
         return output
-    text.flush()
+    show(text.close())
     print(flush=True)
     if output.tool_calls:
         print(json.dumps([vars(c) for c in output.tool_calls], ensure_ascii=False, indent=2))
@@ -553,26 +620,80 @@ def respond(session: Session, messages: list[dict], tools, args) -> AssistantOut
     return output
 
 
-def interactive(session: Session, messages: list[dict], tools, args):
-    pending_images = []
+def show(pieces: list[tuple[str, str]]) -> None:
+    """OutputStream's pieces on the terminal: the thought to stderr, the answer to stdout."""
+    for kind, text in pieces:
+        print(text, end="", flush=True, file=sys.stderr if kind == "reasoning" else sys.stdout)
+
+
+CHAT_HELP = """/image PATH   attach an image (a path or URL) to the next message; it is read now
+/reset        start the conversation over
+/help         this list
+/exit         leave (or Ctrl-D); Ctrl-C stops an answer
+Arrow keys edit the line and recall earlier ones. A line that starts with '/' is a command: to send
+one to the model, start it with a space."""
+
+
+def image_problem(session: Session, source: str) -> str | None:
+    """What is wrong with an image for this model (unreadable, or a model without vision), found when
+    it is named."""
+    try:
+        load_image(source)
+        session.encode([user_message("", [source])])
+    except InputError as e:
+        return str(e)
+    return None
+
+
+def interactive(session: Session, messages: list[dict], tools, args, parser: argparse.ArgumentParser):
+    """The chat: each line typed is a message answered in turn, or a command (CHAT_HELP). A conversation
+    that ends with a user message (the prompt given with -i) is answered first."""
+    start = list(messages)
+    waiting = bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"
+    pending = [] if waiting else list(args.image)   # --image goes with the first message
+    for image in pending:
+        if problem := image_problem(session, image):
+            raise InputError(problem)
+
+    def answer():
+        try:
+            messages.append(respond(session, messages, tools, args).to_message(reasoning=True))
+        except InputError as e:   # a prompt past the context: this turn is dropped
+            messages.pop()
+            print(f"error: {as_flags(parser, str(e))} (message dropped)", file=sys.stderr)
+
+    if waiting:
+        answer()
     while True:
         try:
             line = input("\n> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
             return
-        if line.startswith("/image "):
-            pending_images.append(line[len("/image "):].strip())
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /exit leaves)")
             continue
-        if not line.strip():
-            continue
-        messages.append(user_message(line, pending_images))
-        pending_images = []
-        try:
-            messages.append(respond(session, messages, tools, args).to_message())
-        except InputError as e:   # a bad /image, a prompt past the context: this turn is dropped
-            messages.pop()
-            print(f"error: {e} (message dropped)", file=sys.stderr)
+        command, _, rest = line.partition(" ")
+        if command == "/exit":
+            return
+        if command == "/help":
+            print(CHAT_HELP)
+        elif command == "/reset":
+            messages[:], pending = list(start), []
+            print("(a new conversation)")
+        elif command == "/image":
+            problem = image_problem(session, rest.strip()) if rest.strip() else "/image needs a path or URL"
+            if problem:
+                print(f"error: {as_flags(parser, problem)} (not attached)", file=sys.stderr)
+            else:
+                pending.append(rest.strip())
+                print(f"(attached to the next message: {len(pending)} image{'s' * (len(pending) > 1)})")
+        elif line.startswith("/"):
+            print(f"error: unknown command {command} (/help lists the commands)", file=sys.stderr)
+        elif line.strip():
+            messages.append(user_message(line, pending))
+            pending = []
+            answer()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,13 +707,13 @@ def main(argv: list[str] | None = None) -> int:
         session.sampling = flag_sampling(args, session.sampling)
         messages = first_messages(args, session, messages)
         if args.interactive:
-            interactive(session, messages, tools, args)
+            interactive(session, messages, tools, args, parser)
         else:
             respond(session, messages, tools, args)
         return 0
     except InputError as e:   # bad input: one line; anything else is a bug and keeps its traceback
         if is_lead():         # every rank meets the same bad input
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {as_flags(parser, str(e))}", file=sys.stderr)
         return 2
 
 

@@ -1,32 +1,33 @@
 """GGUF files (llama.cpp's format): the community's quantized Mistral Small 3.x, read into the reference.
 
-    read_gguf(path) -> GGUF                      the header: metadata and tensor infos (no tensor is read)
-    read_gguf_config(path, mmproj) -> ModelArgs, VisionArgs | None, files
-    load_gguf_weights(model, files, ...)         fills a model built on the meta device (load.load_model)
-    gguf_tokenizer(path) -> tokenizer.Tekken     the file's own tokenizer (tokenizer.ggml.*)
-    resolve_gguf("REPO:QUANT") -> the files      downloads only that quant and the mmproj
+    read_gguf(path) -> GGUF                        the header: metadata and tensor infos (no tensor is read)
+    gguf_config(text, mmproj) -> ModelArgs, VisionArgs | None
+    gguf_tokenizer(text, mmproj) -> tokenizer.Tekken    the file's own tokenizer (tokenizer.ggml.*)
+    native_name, tensor_bytes, dequantized, quant_module, tied_head    for load.py's loop over the tensors
 
 A text file (general.architecture "llama" for the 2025 community files, "mistral3" for current
 conversions) holds the text model; an mmproj file ("clip", projector "pixtral") the vision tower, the
 patch merger and the adapter. Hyper-parameters come from the `{arch}.*` keys. Tensor names map one to one
 onto the native ones (GGUF_TEXT_NAMES, GGUF_VISION_NAMES) and wq / wk need no permutation: llama.cpp's
 converter undoes the Hugging Face rotate-half order, so GGUF keeps the native interleaved pairs.
+Which files make a model (split sets, the mmproj beside, a quant on the hub) is checkpoint.py's business.
 
-Quantized matrices stay in their blocks, on the device, as quants.QuantLinear / QuantEmbedding, and are
-dequantized in each forward; F32 / F16 / BF16 tensors (the norms, an F16 mmproj) become ordinary
-parameters in the model's dtype. On the CPU the blocks are the file's pages, memory-mapped: never copied.
+Quantized matrices become quants modules (quants.linear, QuantEmbedding): with quant_math "exact" they stay
+in their blocks (on the CPU the file's pages, memory-mapped: never copied) and are dequantized in each
+forward; "fast" repacks them once for a kernel. F32 / F16 / BF16 tensors (the norms, an F16 mmproj) become
+ordinary parameters in the model's dtype.
 
 The header is parsed by gguf_header.py (not by gguf's GGUFReader, 11 s to open a full vocabulary); the
 gguf package is still needed, through quants.py, for the block sizes and the IQ codebooks.
 """
 import base64
 import math
+import mmap
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import huggingface_hub
 import numpy as np
 import torch
 from torch import nn
@@ -34,9 +35,9 @@ from torch import nn
 import quants
 from config import build_args
 from gguf_header import read_header
-from inputs import InputError, MissingFileError
+from inputs import InputError
 from model import ModelArgs
-from tokenizer import Tekken
+from tokenizer import TEKKEN_PATTERN, Tekken
 from vision import NORM_EPS, VisionArgs
 
 # ----------------------------------------------------------------------------- the header
@@ -55,21 +56,25 @@ class GGUF:
     path: Path
     metadata: dict
     tensors: dict         # name -> TensorInfo
+    size: int             # the file's size in bytes
 
 
 def read_gguf(path) -> GGUF:
-    """The metadata and tensor infos of one GGUF file (nothing of the tensor data is read)."""
+    """The metadata and tensor infos of one GGUF file (nothing of the tensor data is read). A tensor of a
+    type that quants.py cannot read, or held twice, is refused here, before any model is built."""
     header = read_header(path)
     if header.byte_order != "<":
         raise InputError(f"{header.path}: a big-endian GGUF file; its weights are not supported here")
     quants.require_gguf()   # the type ids and block sizes are gguf's
     tensors = {}
     for raw in header.tensors:
+        if raw.name in tensors:
+            raise InputError(f"{header.path}: tensor {raw.name!r} is listed twice; a weight must be stored once")
         tensors[raw.name] = info = _tensor_info(header.path, raw.name, raw.ne, raw.type_id, raw.offset)
         if info.offset + info.n_bytes > header.size:
             raise InputError(f"{header.path}: tensor {raw.name!r} runs past the end of the file; is the download "
                              f"complete?")
-    return GGUF(header.path, header.metadata, tensors)
+    return GGUF(header.path, header.metadata, tensors, header.size)
 
 
 def _tensor_info(path: Path, name: str, ne: list, type_id: int, offset: int) -> TensorInfo:
@@ -77,6 +82,7 @@ def _tensor_info(path: Path, name: str, ne: list, type_id: int, offset: int) -> 
         qtype = quants.GGMLQuantizationType(type_id)
     except ValueError:
         raise InputError(f"{path}: tensor {name!r} has the unknown GGML type id {type_id}") from None
+    quants.check_type(f"{path}: tensor {name!r}", qtype)
     block, size = quants.GGML_QUANT_SIZES[qtype]
     if not ne or not 1 <= len(ne) <= 4 or min(ne) < 1:
         raise InputError(f"{path}: tensor {name!r} has the sizes {ne[:8]}; expected 1 to 4 positive sizes")
@@ -85,21 +91,6 @@ def _tensor_info(path: Path, name: str, ne: list, type_id: int, offset: int) -> 
         raise InputError(f"{path}: tensor {name!r} of type {qtype.name}: its rows of {ne[0]} weights are "
                          f"not whole blocks of {block}")
     return TensorInfo(name, qtype.name, tuple(reversed(ne)), offset, n // block * size)
-
-
-def gguf_parts(path: Path) -> list[Path]:
-    """A file, or all parts of a split set given any one of them (NAME-00001-of-00003.gguf)."""
-    match = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.gguf", path.name)
-    if match is None:
-        return [path]
-    count = int(match.group(3))
-    if not 1 <= int(match.group(2)) <= count:
-        raise InputError(f"{path}: part {int(match.group(2))} of {count}: not a part of a split set")
-    parts = [path.with_name(f"{match.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-    missing = [p.name for p in parts if not p.is_file()]
-    if missing:
-        raise MissingFileError(f"{path}: the split set lacks {missing}")
-    return parts
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -159,33 +150,17 @@ def vision_args(meta: dict, source: str, image_token_id: int) -> VisionArgs:
                       keys={ours: f"clip.vision.{theirs}" for ours, theirs in keys.items()})
 
 
-def find_mmproj(text: Path) -> Path | None:
-    """The mmproj*.gguf beside a text file, if there is exactly one."""
-    found = sorted(text.parent.glob("mmproj*.gguf"))
-    if len(found) > 1:
-        raise InputError(f"{text.parent}: several mmproj files {[p.name for p in found]}; pass one as mmproj=")
-    return found[0] if found else None
-
-
-def read_gguf_config(path, mmproj=None) -> tuple[ModelArgs, VisionArgs | None, list[Path]]:
-    """The model a GGUF text file (and an mmproj, given or found beside it) describes, and its files: the
-    text file's parts, then the mmproj. mmproj False: none."""
-    path = Path(path)
-    parts = gguf_parts(path)
-    text = read_gguf(parts[0])
-    args = text_args(text.metadata, str(parts[0]))
+def gguf_config(text: GGUF, mmproj: GGUF | None) -> tuple[ModelArgs, VisionArgs | None]:
+    """The model a GGUF text file (and an mmproj, if any) describes."""
+    args = text_args(text.metadata, str(text.path))
     if mmproj is None:
-        mmproj = find_mmproj(parts[0])
-    vision = None
-    if mmproj:
-        projector = read_gguf(mmproj)
-        vision = vision_args(projector.metadata, str(mmproj), _image_token_id(text.metadata))
-        vision.adapter_bias = "mm.1.bias" in projector.tensors
-        dim = projector.metadata.get("clip.vision.projection_dim", args.dim)
-        if dim != args.dim:
-            raise InputError(f"{mmproj}: clip.vision.projection_dim is {dim}, the text model's width {args.dim}")
-        parts = parts + [Path(mmproj)]
-    return args, vision, parts
+        return args, None
+    vision = vision_args(mmproj.metadata, str(mmproj.path), _image_token_id(text.metadata))
+    vision.adapter_bias = "mm.1.bias" in mmproj.tensors
+    dim = mmproj.metadata.get("clip.vision.projection_dim", args.dim)
+    if dim != args.dim:
+        raise InputError(f"{mmproj.path}: clip.vision.projection_dim is {dim}, the text model's width {args.dim}")
+    return args, vision
 
 
 def _image_token_id(meta: dict) -> int:
@@ -227,84 +202,43 @@ def native_name(name: str) -> str | None:
 
 # ----------------------------------------------------------------------------- weights
 
-FLOAT_TYPES = ("F32", "F16", "BF16")
+# The types held as floats, and the torch dtype of each; any other type is quantized blocks.
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _tensor_bytes(path: Path, info: TensorInfo) -> torch.Tensor:
-    """A tensor's raw bytes [out, row bytes], memory-mapped: nothing is read until used. One map per
-    tensor, unmapped when the last view of it goes: a matrix repacked at load (quants' fast path) leaves
-    no file pages resident behind it. Copy-on-write (mode "c"), as torch wants a writable buffer; nothing
+def tensor_bytes(file, info: TensorInfo) -> torch.Tensor:
+    """A tensor's raw bytes [rows, row bytes], memory-mapped from `file` (the GGUF, open for reading): nothing
+    is read until used. One map per tensor, unmapped when the last view of it goes: a matrix repacked at
+    load (quants' fast path) leaves no file pages resident behind it (a page two tensors share can be
+    resident twice: 4 KiB a tensor at most). Copy-on-write, as torch wants a writable buffer; nothing
     writes to it."""
-    rows = int(np.prod(info.shape[:-1]))
-    data = np.memmap(path, dtype=np.uint8, mode="c", offset=info.offset, shape=(info.n_bytes,))
-    return torch.from_numpy(data.reshape(rows, -1))
+    start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY   # a map starts at such a multiple
+    data = mmap.mmap(file.fileno(), info.offset + info.n_bytes - start, access=mmap.ACCESS_COPY, offset=start)
+    array = np.frombuffer(data, dtype=np.uint8, count=info.n_bytes, offset=info.offset - start)
+    return torch.from_numpy(array.reshape(math.prod(info.shape[:-1]), -1))
 
 
-def _quantized_module(module: nn.Module, blocks: torch.Tensor, info: TensorInfo, source: str, dtype,
-                      quant_math: str = "fast"):
-    """The quants module in place of nn.Linear / nn.Embedding `module`, from `blocks` where they are."""
-    quants.check_type(f"{source}: tensor {info.name!r}", info.type_name)
-    if isinstance(module, nn.Embedding):
-        made = quants.QuantEmbedding(blocks, info.type_name, info.shape, dtype=dtype)
-    else:
-        made = quants.linear(blocks, info.type_name, info.shape, dtype, quant_math)
+def dequantized(blocks: torch.Tensor, type_name: str, shape: tuple) -> torch.Tensor:
+    """A tensor's float32 values [shape] from its bytes (tensor_bytes)."""
+    return quants.dequantize(blocks, type_name, (blocks.shape[0], math.prod(shape) // blocks.shape[0])).view(shape)
+
+
+def quant_module(embedding: bool, blocks: torch.Tensor, type_name: str, shape: tuple, dtype,
+                 quant_math: str = "fast") -> nn.Module:
+    """The quants module of a matrix's blocks, on their device, in place of an nn.Embedding (embedding: the
+    blocks held where they are) or of an nn.Linear without bias (quants.linear: quant_math "exact" holds
+    them, "fast" may repack them). dtype: of the dequantized weights, the model's activations."""
+    made = (quants.QuantEmbedding(blocks, type_name, shape, dtype=dtype) if embedding
+            else quants.linear(blocks, type_name, shape, dtype, quant_math))
     # .to: an IQ type's codebooks are made on the CPU; the blocks, already there, are not copied
     return made.to(blocks.device)
 
 
-def load_gguf_weights(model: nn.Module, files: list[Path], device, dtype, place, progress,
-                      quant_math: str = "fast") -> None:
-    """Fill `model`, built on the meta device, with the tensors of GGUF `files` (text parts, then mmproj).
-    dtype: of the activations and of the float parameters. place(name, float32 tensor) puts a float
-    tensor where the model holds it (load._place); progress.update() is called per tensor. quant_math:
-    how the quantized matrices multiply (quants.linear)."""
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    found = set()
-    for path in files:
-        for info in read_gguf(path).tensors.values():
-            progress.update()
-            name = native_name(info.name)
-            if info.name in SKIPPED:
-                continue
-            if name not in expected:
-                raise InputError(f"{path}: unexpected tensor {info.name!r}: the model that the file's metadata "
-                                 f"describes has no such weight")
-            if info.shape != expected[name]:
-                raise InputError(f"{path}: tensor {info.name!r} has shape {info.shape}, expected {expected[name]}")
-            _assign(model, name, _tensor_bytes(path, info), info, str(path), device, dtype, place, quant_math)
-            found.add(name)
-    if "output.weight" not in found and "tok_embeddings.weight" in found:
-        # as llama.cpp: no output.weight, the head is tied
-        model.output = _tied_head(model.tok_embeddings, quant_math)
-        found.add("output.weight")
-    missing = sorted(set(expected) - found)
-    if missing:
-        raise InputError(f"{files[0]}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-
-
-def _assign(model: nn.Module, name: str, blocks: torch.Tensor, info: TensorInfo, source: str, device, dtype,
-            place, quant_math: str = "fast"):
-    """Put one tensor in place: a quantized matrix replaces its nn.Linear / nn.Embedding by a quants module
-    holding the blocks; anything else (floats; a quantized conv or biased linear, which are small) becomes
-    an ordinary parameter."""
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    parent, _, child = module_name.rpartition(".")
-    matrix = isinstance(module, (nn.Linear, nn.Embedding)) and getattr(module, "bias", None) is None
-    if info.type_name not in FLOAT_TYPES and matrix:
-        quantized = _quantized_module(module, blocks.to(device), info, source, dtype, quant_math)
-        setattr(model.get_submodule(parent), child, quantized)
-        return
-    quants.check_type(f"{source}: tensor {info.name!r}", info.type_name)
-    w = quants.dequantize(blocks, info.type_name, (blocks.shape[0], int(np.prod(info.shape)) // blocks.shape[0]))
-    setattr(module, attr, nn.Parameter(place(name, w.view(info.shape)), requires_grad=False))
-
-
-def _tied_head(embedding: nn.Module, quant_math: str = "fast") -> nn.Module:
-    """The output head sharing the embedding table's weights (no copy; a copy repacked for the fast path)."""
+def tied_head(embedding: nn.Module, quant_math: str = "fast") -> nn.Module:
+    """The output head sharing the embedding table's weights, no copy (a copy repacked for the fast path):
+    llama.cpp's rule for a file without output.weight."""
     if isinstance(embedding, quants.QuantEmbedding):
-        head = quants.linear(embedding.blocks, embedding.qtype, embedding.shape, embedding.dtype, quant_math)
-        return head.to(embedding.blocks.device)
+        return quant_module(False, embedding.blocks, embedding.qtype, embedding.shape, embedding.dtype, quant_math)
     head = nn.Linear(embedding.weight.shape[1], embedding.weight.shape[0], bias=False)
     head.weight = embedding.weight
     return head
@@ -312,10 +246,7 @@ def _tied_head(embedding: nn.Module, quant_math: str = "fast") -> nn.Module:
 
 # ----------------------------------------------------------------------------- the tokenizer
 
-# The Tekken pre-tokenizer (tekken.json's config.pattern). A GGUF names it only (tokenizer.ggml.pre "tekken").
-TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
-                  r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
-                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# A GGUF names the Tekken pre-tokenizer only (tokenizer.ggml.pre "tekken"): tokenizer.TEKKEN_PATTERN.
 CONTROL = 3   # tokenizer.ggml.token_type of a control token
 
 
@@ -333,20 +264,19 @@ def byte_alphabet() -> dict[str, int]:
     return chars
 
 
-def gguf_tokenizer(path, mmproj=None) -> Tekken:
+def gguf_tokenizer(text: GGUF, mmproj: GGUF | None = None) -> Tekken:
     """The Tekken tokenizer in a GGUF's tokenizer.ggml.* keys, rebuilt as a tekken.json document: ids equal
     the official file's (ids 0..n_special - 1 the control tokens, then the BPE ranks in id order). Its image
-    settings, which tekken.json holds, come from the mmproj (given, or found beside; False: none)."""
-    path = Path(path)
-    meta = read_gguf(gguf_parts(path)[0]).metadata
+    settings, which tekken.json holds, come from the mmproj, if any."""
+    path, meta = text.path, text.metadata
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
     if model != "gpt2" or pre != "tekken":
         raise InputError(f"{path}: tokenizer.ggml.model {model!r} / pre {pre!r} is not a Tekken tokenizer "
-                         f"(expected 'gpt2' / 'tekken'); pass --tokenizer tekken.json")
+                         f"(expected 'gpt2' / 'tekken'); pass tokenizer=tekken.json")
     tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type", [])
     if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) and isinstance(types, list)):
         raise InputError(f"{path}: tokenizer.ggml.tokens must be a list of strings and tokenizer.ggml.token_type "
-                         f"a list; pass --tokenizer tekken.json")
+                         f"a list; pass tokenizer=tekken.json")
     n_special = next((i for i, t in enumerate(types) if t != CONTROL), 0)
     specials = tokens[:n_special]
     alphabet = byte_alphabet()
@@ -360,71 +290,9 @@ def gguf_tokenizer(path, mmproj=None) -> Tekken:
     data = {"config": {"version": version, "pattern": TEKKEN_PATTERN, "default_vocab_size": len(tokens),
                        "default_num_special_tokens": n_special},
             "special_tokens": [{"rank": i, "token_str": s} for i, s in enumerate(specials)], "vocab": vocab}
-    mmproj = find_mmproj(path) if mmproj is None else mmproj
-    if mmproj:
-        clip = read_gguf(mmproj).metadata
+    if mmproj is not None:
+        clip = mmproj.metadata
         data["image"] = {"image_patch_size": clip.get("clip.vision.patch_size"),
                          "max_image_size": clip.get("clip.vision.image_size"),
                          "spatial_merge_size": clip.get("clip.vision.spatial_merge_size", 1)}
     return Tekken(path, data)
-
-
-# ----------------------------------------------------------------------------- files from the hub
-
-HUB_QUANT = re.compile(r"([\w.-]+/[\w.-]+):([\w.-]+)")   # llama.cpp's -hf syntax, REPO:QUANT
-MMPROJ_TYPES = ("F16", "BF16", "F32")
-
-
-def quant_files(files: list[str], quant: str) -> list[str]:
-    """The repository's files of one quant: NAME-QUANT.gguf, or its parts NAME-QUANT-0000k-of-0000n.gguf
-    (possibly in a folder), the quant matched case-insensitively as llama.cpp does."""
-    pattern = re.compile(rf"(.*[-_./])?{re.escape(quant)}(-\d{{5}}-of-\d{{5}})?\.gguf", re.IGNORECASE)
-    found = [f for f in files if pattern.fullmatch(f) and not Path(f).name.lower().startswith("mmproj")]
-    sets = {re.sub(r"-\d{5}-of-\d{5}\.gguf$", ".gguf", f) for f in found}
-    if len(sets) > 1:   # e.g. Q4_K_XL matching both NAME-Q4_K_XL and NAME-UD-Q4_K_XL
-        raise InputError(f"quant {quant!r} matches several files {sorted(sets)}; give the whole tag")
-    return sorted(found)
-
-
-def download_gguf(model: str, mmproj: str | None = "F16") -> tuple[Path, Path | None]:
-    """REPO:QUANT -> the local path of the quant's (first) file and of the mmproj of type `mmproj` (None:
-    none asked for, or the repository has none), downloaded once through huggingface_hub: only those files."""
-    repo, quant = HUB_QUANT.fullmatch(model).groups()
-    files = _from_hub(model, huggingface_hub.list_repo_files, repo)
-    text = quant_files(files, quant)
-    if not text:
-        quants_found = sorted({m.group(1) for f in files
-                               if (m := re.search(r"-((?:UD-)?[A-Z0-9_]+?)(-\d{5}-of-\d{5})?\.gguf$", f))})
-        raise InputError(f"--model {model}: {repo} has no {quant} file (it has {', '.join(quants_found)})")
-    projectors = [f for f in files if mmproj and re.fullmatch(rf"(.*/)?mmproj.*{mmproj}\.gguf", f, re.IGNORECASE)]
-    folder = Path(_from_hub(model, huggingface_hub.snapshot_download, repo, allow_patterns=text + projectors[:1]))
-    return folder / text[0], (folder / projectors[0]) if projectors else None
-
-
-def _from_hub(model: str, call, *args, **kwargs):
-    """A huggingface_hub call; its failure is the one line a user can act on."""
-    try:
-        return call(*args, **kwargs)
-    except Exception as e:   # no network, gated repository, missing login, typo in the id
-        raise MissingFileError(f"--model {model}: could not get the files from the Hugging Face hub "
-                               f"({type(e).__name__}: {e})") from None
-
-
-def resolve_gguf(model: str, mmproj: str | None = None) -> tuple[Path, Path | bool | None]:
-    """--model FILE.gguf or REPO:QUANT, and --mmproj (a file, a type for the hub: F16 (default), BF16,
-    F32, or "none") -> the text file and the mmproj for load_model (None: the one beside, False: none)."""
-    if mmproj == "none":
-        choice = False
-    elif mmproj is None or mmproj.upper() in MMPROJ_TYPES:
-        choice = None
-    else:
-        choice = Path(mmproj)
-        if not choice.is_file():
-            raise MissingFileError(f"--mmproj {mmproj}: no such file (or give a type: {', '.join(MMPROJ_TYPES)})")
-    if HUB_QUANT.fullmatch(model) and not Path(model).exists():
-        text, found = download_gguf(model, (mmproj or "F16").upper() if choice is None else None)
-        return text, (found or False) if choice is None else choice
-    path = Path(model).expanduser()
-    if not path.is_file():
-        raise MissingFileError(f"--model {model}: no such GGUF file")
-    return path, choice

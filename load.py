@@ -1,36 +1,41 @@
-"""Loading the official checkpoints: their files, their tensor names and layouts, and the model.
+"""Loading the model: the tensors of a checkpoint (checkpoint.py) into model.Transformer, checked one by one.
 
-    load_model(path, device, dtype) -> model.Transformer (vision.VisionLanguageModel with a vision encoder)
+    load_model(checkpoint or path, device, dtype) -> model.Transformer (a vision.VisionLanguageModel with images)
 
-Two layouts of the same weights are read:
-- native: params.json + consolidated.safetensors (or consolidated-0000k-of-0000n.safetensors), the
-  names the model uses (tok_embeddings, layers.N.attention.wq, ...);
-- Hugging Face: config.json + model-0000k-of-0000n.safetensors, renamed here, with wq / wk rows
-  permuted for rotate-half RoPE, which the loader undoes.
-The model is built on the meta device (no memory); each tensor is then memory-mapped, checked
-against the shape the configuration implies, converted and placed one at a time, and assigned.
-Under tensor parallel (parallel.py) the meta model is split first, and each rank copies out of the
-map only its own slice of each split weight.
-The configuration files are parsed and checked by config.py, GGUF files read by gguf_file.py.
-Finding the files: resolve_model (a local folder, or a hub id downloaded once), tokenizer_file, pick_device.
+One loop (load_tensors) reads the three layouts of the weights:
+- native: consolidated*.safetensors, under the names the model uses (tok_embeddings, layers.N.attention.wq, ...);
+- Hugging Face: model-*.safetensors, renamed here, with wq / wk rows permuted for rotate-half RoPE, which
+  the loader undoes;
+- GGUF: llama.cpp's names (gguf_file.native_name); a matrix of a quantized type stays in its blocks, in a
+  quants module that the loop puts in place of its nn.Linear / nn.Embedding;
+- a quantized Hugging Face folder (MLX, bitsandbytes, compressed-tensors: checkpoint.quant): each quantized
+  layer's tensors come gathered as one quant_formats.Packed (wherever its files put them), which stays as
+  stored in a PackedLinear / PackedEmbedding put in place of the layer.
+The model is built on the meta device (no memory); each tensor is then memory-mapped, checked (a weight
+of the model, stored once, of the shape the configuration implies, finite when it becomes floats),
+converted and placed one at a time, and assigned. Under tensor parallel (parallel.py) the meta model is
+split first, and each rank copies out of the map only its own slice of each split weight.
+Also here: the --device and --dtype values of the command lines (pick_device, DTYPES).
 """
 import math
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import huggingface_hub
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
-from config import json_object, parse_hf_config, parse_params
-from gguf_file import load_gguf_weights, read_gguf_config
-from inputs import InputError, MissingFileError, read_json, regular_file
+from checkpoint import HF_INDEX, Checkpoint, read_checkpoint
+from gguf_file import FLOAT_TYPES, SKIPPED, dequantized, native_name, quant_module, tensor_bytes, tied_head
+from inputs import InputError, MissingFileError
 from model import ModelArgs, Transformer
 from parallel import as_shard, parallelize, shard_region
+from quant_formats import Packed, PackedEmbedding, PackedLinear, gather
 from quants import QUANT_MATH
 from vision import VisionArgs, VisionLanguageModel
 
@@ -76,90 +81,7 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-# ----------------------------------------------------------------------------- weights
-
-@dataclass
-class Checkpoint:
-    """What a checkpoint folder holds: its layout, its weight files and the model they make."""
-    layout: str           # "native", "hf" or "gguf"
-    config: Path          # params.json or config.json (for "gguf": the text file, whose metadata it is)
-    files: list[Path]     # for "gguf": the text file's parts, then the mmproj
-    args: ModelArgs
-    vision: VisionArgs | None
-    index: dict | None = None   # Hugging Face: tensor name -> file, from model.safetensors.index.json
-
-
-def read_checkpoint(folder: Path, mmproj=None) -> Checkpoint:
-    """The folder's layout, weight files and configuration (no tensor is read). A .gguf file instead
-    of a folder is read by gguf_file (layout "gguf"), with its mmproj (given or found beside it)."""
-    if str(folder).endswith(".gguf"):
-        args, vision, files = read_gguf_config(folder, mmproj)
-        return Checkpoint("gguf", files[0], files, args, vision)
-    # lexists: a params.json that is a FIFO or a symlink loop is named as such by read_json.
-    if os.path.lexists(folder / "params.json"):
-        config, layout = folder / "params.json", "native"
-        args, vision = parse_params(read_json(config), str(config))
-    elif os.path.lexists(folder / "config.json"):
-        config, layout = folder / "config.json", "hf"
-        args, vision = parse_hf_config(read_json(config), str(config))
-    else:
-        raise MissingFileError(f"{folder}: no params.json (native layout) or config.json (Hugging Face "
-                               f"layout) found; expected an official Mistral checkpoint folder")
-    files, index = weight_files(folder, layout)
-    return Checkpoint(layout, config, files, args, vision, index)
-
-
-# The weight files of each layout: one file, or a complete numbered set (k of n for k = 1..n).
-LAYOUT_FILES = {"native": ("consolidated", re.compile(r"consolidated-(\d+)-of-(\d+)\.safetensors")),
-                "hf": ("model", re.compile(r"model-(\d+)-of-(\d+)\.safetensors"))}
-HF_INDEX = "model.safetensors.index.json"
-
-
-def weight_files(folder: Path, layout: str) -> tuple[list[Path], dict | None]:
-    """Exactly the weight files of one layout, each a regular file, and the Hugging Face index
-    (tensor name -> file name) where there is one. A stale or stray file in the layout's names
-    (consolidated-00001-of-00002.safetensors beside consolidated.safetensors, model_old.safetensors)
-    is an error: it could silently override or miss weights."""
-    stem, numbered = LAYOUT_FILES[layout]
-    found = sorted(p.name for p in folder.glob(f"{stem}*.safetensors"))
-    index = None
-    if layout == "hf" and os.path.lexists(folder / HF_INDEX):
-        index = _read_index(folder / HF_INDEX)
-        names = sorted(set(index.values()))
-    elif f"{stem}.safetensors" in found:
-        names = [f"{stem}.safetensors"]
-    else:
-        numbers = {name: tuple(map(int, m.groups())) for name in found if (m := numbered.fullmatch(name))}
-        total = max((n for _, n in numbers.values()), default=0)
-        if sorted(numbers.values()) != [(k, total) for k in range(1, total + 1)]:
-            raise InputError(f"{folder}: the weight files {sorted(numbers)} are not one complete set: expected "
-                             f"{stem}-0000k-of-0000n.safetensors for every k of 1..n")
-        names = sorted(numbers)
-    if not names:
-        if not found:
-            expected = "consolidated.safetensors" if layout == "native" else "model-*.safetensors"
-            raise MissingFileError(f"{folder}: no weights found, expected {expected}")
-        raise InputError(f"{folder}: the weight files {found} are not named as the layout's: expected "
-                         f"{stem}.safetensors or {stem}-0000k-of-0000n.safetensors")
-    stray = sorted(set(found) - set(names))
-    if stray:
-        where = f"not listed in {HF_INDEX}" if index is not None else f"beside {names[0]}"
-        raise InputError(f"{folder}: weight file(s) {stray} {where}: remove the stale file(s), or the others; "
-                         f"weights are read from exactly one layout")
-    return [regular_file(folder / name, f"{folder / name}") for name in names], index
-
-
-def _read_index(path: Path) -> dict[str, str]:
-    """weight_map of a model.safetensors.index.json: tensor name -> file name in the same folder."""
-    weight_map = json_object(read_json(path), str(path)).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise InputError(f"{path}: expected a non-empty 'weight_map' object (tensor name -> file)")
-    for key, name in weight_map.items():
-        if not (isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name):
-            raise InputError(f"{path}: weight_map[{key!r}] = {name!r:.80}: expected a .safetensors file name "
-                             f"in the same folder")
-    return weight_map
-
+# ----------------------------------------------------------------------------- the tensors
 
 def build_model(args: ModelArgs, vision: VisionArgs | None = None) -> Transformer:
     """The model the arguments describe, with a vision tower when `vision` is given."""
@@ -173,61 +95,150 @@ def _rotary_heads(name: str, rows: int, checkpoint: Checkpoint) -> int:
     return rows // head_dim
 
 
-def _read_tensors(checkpoint: Checkpoint, expected: dict, dtype, device, check_finite: bool = True) -> dict:
-    """Read every tensor, renamed and un-permuted to the native layout, checked against `expected`
-    (name -> the model's tensor on the meta device: its shape and, split by parallel.py, the slice
-    that this rank holds), cast to dtype and placed on device one at a time. A tensor held twice (in
-    two files, or under two names of the Hugging Face layout), in another file than the index says, of
-    an integer dtype or (check_finite) with a NaN or an infinity is an error naming it."""
-    state, layout, files = {}, checkpoint.layout, checkpoint.files
-    seen: dict[str, tuple[Path, str]] = {}   # native name -> where it was read
-    progress = loading_bar(len(expected), files[0].parent.name)
-    for path in files:
+@dataclass
+class Stored:
+    """One tensor as a file stores it, memory-mapped, nothing of it read yet."""
+    path: Path
+    key: str                   # the file's name for it
+    name: str | None           # the model's name for it (None: none)
+    shape: tuple               # as the model holds it
+    dtype: torch.dtype | None  # of the stored values; None: GGUF blocks of a quantized type, or a Packed
+    data: torch.Tensor | Packed  # the values; for GGUF the bytes [rows, row bytes]; a quantized layer's Packed
+    qtype: str | None = None   # GGUF: the type ("F32", "Q4_K", ...)
+
+
+def stored_tensors(checkpoint: Checkpoint) -> Iterator[Stored]:
+    """Every tensor of the checkpoint's files, in file order, under the model's names."""
+    if checkpoint.layout == "gguf":
+        for gguf in checkpoint.headers:   # parsed by read_checkpoint: only the tensors' pages are read here
+            with open(gguf.path, "rb") as file:   # each tensor mapped on its own (tensor_bytes)
+                for info in gguf.tensors.values():
+                    if info.name not in SKIPPED:
+                        yield Stored(gguf.path, info.name, native_name(info.name), info.shape,
+                                     FLOAT_TYPES.get(info.type_name), tensor_bytes(file, info), info.type_name)
+        return
+    where, maps = _tensor_files(checkpoint), {}
+
+    def held(key: str) -> torch.Tensor:
+        """A quantized layer's tensor, kept as stored: through one map of its file for all of them (a map per
+        tensor would count the pages of the file's header once per tensor in the process's resident set)."""
+        try:
+            maps[where[key]] = maps.get(where[key]) or safe_open(where[key], framework="pt", device="cpu")
+            return maps[where[key]].get_tensor(key)
+        except SafetensorError as e:
+            raise _unreadable(where[key], e) from None
+
+    # A quantized layer NAME comes as NAME.weight, from the file of the tensor that marks it (`stored`).
+    for key, stored, t in gather(checkpoint.quant, list(where), lambda k: _mapped_tensor(where[k], k), held):
+        name = key if checkpoint.layout == "native" else hf_to_native_name(key)
+        yield Stored(where[stored], key, name, tuple(t.shape), None if isinstance(t, Packed) else t.dtype, t)
+
+
+def _tensor_files(checkpoint: Checkpoint) -> dict[str, Path]:
+    """The file of every tensor of a folder (key -> path; no tensor is read): each stored in one file, the one
+    the Hugging Face index says, and every tensor the index lists stored."""
+    where: dict[str, Path] = {}
+    for path in checkpoint.files:
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 keys = list(f.keys())
-            for key in keys:
-                name = key if layout == "native" else hf_to_native_name(key)
-                if name not in expected:
-                    raise InputError(f"{path}: unexpected tensor {key!r}: the model that the folder's "
-                                     f"config describes has no such weight")
-                if name in seen:
-                    raise InputError(f"tensor {key!r} of {path} is also in {seen[name][0]} (as {seen[name][1]!r}): "
-                                     f"a weight must be stored once")
-                if checkpoint.index is not None and checkpoint.index.get(key) != path.name:
-                    raise InputError(f"{path}: holds tensor {key!r}, which the index puts in "
-                                     f"{checkpoint.index.get(key)!r}")
-                seen[name] = (path, key)
-                t, like = _mapped_tensor(path, key), expected[name]
-                if t.shape != like.shape:
-                    raise InputError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                     f"expected {tuple(like.shape)}")
-                if not t.dtype.is_floating_point:
-                    raise InputError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected a floating-point "
-                                     f"type (bfloat16, float16 or float32)")
-                region = shard_region(like)
-                if region is not None:
-                    # Only the slice's pages are read (all of them for a column slice, then unmapped);
-                    # the copy gives the shard memory of its own, not a view into the whole tensor's map.
-                    dim, start, length = region
-                    t = t.narrow(dim, start, length).clone()
-                placed = _place(t, name, checkpoint, dtype, device)
-                if check_finite:
-                    _check_finite(placed, path, key, converted=placed.dtype != t.dtype)
-                state[name] = placed if region is None else as_shard(placed, like)
-                del t   # unmaps a converted tensor's pages now
-                progress.update()
         except SafetensorError as e:
-            raise InputError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
-    progress.close()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise InputError(f"{files[0].parent}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            raise _unreadable(path, e) from None
+        for key in keys:
+            if key in where:
+                raise InputError(f"tensor {key!r} of {path} is also in {where[key]}: a weight must be stored once")
+            if checkpoint.index is not None and checkpoint.index.get(key) != path.name:
+                raise InputError(f"{path}: holds tensor {key!r}, which the index puts in {checkpoint.index.get(key)!r}")
+            where[key] = path
     if checkpoint.index is not None:
-        absent = sorted(set(checkpoint.index) - {key for _, key in seen.values()})
+        absent = sorted(set(checkpoint.index) - set(where))
         if absent:
-            raise InputError(f"{files[0].parent}: {HF_INDEX} lists tensor(s) {absent[:5]} that no file holds")
-    return state
+            raise InputError(f"{checkpoint.path}: {HF_INDEX} lists tensor(s) {absent[:5]} that no file holds")
+    return where
+
+
+def load_tensors(model: nn.Module, checkpoint: Checkpoint, dtype, device, check_finite: bool = True,
+                 quant_math: str = "fast") -> None:
+    """Fill `model`, built on the meta device (and split by parallel.py), with every tensor of the checkpoint.
+    Each must be a weight of the model, stored once (in the file the Hugging Face index says), of the shape
+    the model has, and of a floating-point type; every weight must be found. A GGUF file without
+    output.weight ties the head to the embedding, as llama.cpp does. quant_math: how a GGUF's quantized
+    matrices multiply (gguf_file.quant_module)."""
+    expected = model.state_dict()   # name -> the meta tensor: its shape and, split, the slice this rank holds
+    seen: dict[str, Stored] = {}
+    with loading_bar(len(expected), checkpoint.name) as progress:
+        for stored in stored_tensors(checkpoint):
+            _check_stored(stored, expected, seen, checkpoint)
+            seen[stored.name] = replace(stored, data=None)   # not its data: a repacked matrix's pages then go
+            _assign(model, stored, expected[stored.name], checkpoint, dtype, device, check_finite, quant_math)
+            progress.update()
+    if checkpoint.layout == "gguf" and "output.weight" not in seen and "tok_embeddings.weight" in seen:
+        model.output = tied_head(model.tok_embeddings, quant_math)
+        seen["output.weight"] = seen["tok_embeddings.weight"]
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        raise InputError(f"{checkpoint.path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _check_stored(stored: Stored, expected: dict, seen: dict, checkpoint: Checkpoint) -> None:
+    if stored.name not in expected:
+        raise InputError(f"{stored.path}: unexpected tensor {stored.key!r}: the model that {checkpoint.config.name} "
+                         f"describes has no such weight")
+    if stored.name in seen:
+        first = seen[stored.name]
+        raise InputError(f"tensor {stored.key!r} of {stored.path} is also in {first.path} (as {first.key!r}): "
+                         f"a weight must be stored once")
+    if stored.shape != tuple(expected[stored.name].shape):
+        raise InputError(f"{stored.path}: tensor {stored.key!r} has shape {stored.shape}, "
+                         f"expected {tuple(expected[stored.name].shape)}")
+    if stored.dtype is not None and not stored.dtype.is_floating_point:
+        raise InputError(f"{stored.path}: tensor {stored.key!r} has dtype {stored.dtype}, expected a floating-point "
+                         f"type (bfloat16, float16 or float32)")
+
+
+def _assign(model: nn.Module, stored: Stored, like: torch.Tensor, checkpoint: Checkpoint, dtype, device,
+            check_finite: bool, quant_math: str = "fast") -> None:
+    """Put one tensor in the model. A GGUF matrix of a quantized type (an nn.Linear without bias or an
+    nn.Embedding) stays in its blocks: a quants module holding them takes the layer's place; a quantized
+    folder's layer (a Packed) likewise, in a PackedLinear / PackedEmbedding. Anything else (floats; a
+    quantized conv or biased linear, which are small) becomes a parameter in dtype, checked finite, or the
+    slice of it that this rank holds."""
+    module_name, _, attr = stored.name.rpartition(".")
+    module = model.get_submodule(module_name)
+    matrix = isinstance(module, (nn.Linear, nn.Embedding)) and getattr(module, "bias", None) is None
+    if isinstance(stored.data, Packed) and check_finite:
+        for part, b in stored.data.named_buffers():
+            if b.is_floating_point():   # the scales (an FP8 weight too): the layer's, in one of the folder's files
+                _check_finite(b, replace(stored, path=checkpoint.path, key=f"{stored.key} ({part})", dtype=b.dtype))
+    if stored.dtype is None and matrix:
+        parent, _, child = module_name.rpartition(".")
+        layer = _packed_layer(stored, module, checkpoint, dtype).to(device) if isinstance(stored.data, Packed) else \
+            quant_module(isinstance(module, nn.Embedding), stored.data.to(device), stored.qtype, stored.shape, dtype,
+                         quant_math)
+        setattr(model.get_submodule(parent), child, layer)
+        return
+    t = (stored.data.unpack() if isinstance(stored.data, Packed) else stored.data if stored.qtype is None
+         else dequantized(stored.data, stored.qtype, stored.shape))
+    region = shard_region(like)
+    if region is not None:
+        # Only the slice's pages are read (all of them for a column slice, then unmapped); the copy
+        # gives the shard memory of its own, not a view into the whole tensor's map.
+        dim, start, length = region
+        t = t.narrow(dim, start, length).clone()
+    placed = _place(t, stored.name, checkpoint, dtype, device)
+    if check_finite:
+        _check_finite(placed, stored)
+    value = placed if region is None else as_shard(placed, like)
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))   # for inference: no autograd graph
+
+
+def _packed_layer(stored: Stored, module: nn.Module, checkpoint: Checkpoint, dtype) -> nn.Module:
+    """The PackedLinear / PackedEmbedding holding a quantized layer's Packed weight as stored. The Hugging Face
+    wq / wk keep their rotate-half row order: the layer reorders its outputs to the native rows."""
+    order, rows = None, stored.shape[0]
+    if checkpoint.layout == "hf" and stored.name.endswith(("attention.wq.weight", "attention.wk.weight")):
+        order = unpermute_rotary(torch.arange(rows).view(rows, 1), _rotary_heads(stored.name, rows, checkpoint)).view(rows)
+    return (PackedEmbedding if isinstance(module, nn.Embedding) else PackedLinear)(stored.data, dtype, order)
 
 
 def loading_bar(total: int, name: str) -> tqdm:
@@ -235,7 +246,7 @@ def loading_bar(total: int, name: str) -> tqdm:
     return tqdm(total=total, desc=f"loading {name}", unit=" tensors", delay=1, leave=False)
 
 
-def _check_finite(t: torch.Tensor, path: Path, key: str, converted: bool) -> None:
+def _check_finite(t: torch.Tensor, stored: Stored) -> None:
     """Refuse a weight holding NaN or an infinity (in the file, or made by the conversion to a
     narrower dtype). aminmax reads the tensor once without a temporary; NaN propagates to its result."""
     flat = t.t() if t.ndim == 2 and t.t().is_contiguous() else t   # a column-major weight, read in its order
@@ -243,16 +254,24 @@ def _check_finite(t: torch.Tensor, path: Path, key: str, converted: bool) -> Non
     if math.isfinite(low) and math.isfinite(high):
         return
     bad = (~torch.isfinite(t)).nonzero()[0].tolist()   # the error path only: find the first one
-    raise InputError(f"{path}: tensor {key!r} holds a non-finite value ({t[tuple(bad)].item()} at index "
-                     f"{bad}){' after conversion to ' + str(t.dtype) if converted else ''}")
+    converted = stored.dtype is not None and t.dtype != stored.dtype
+    raise InputError(f"{stored.path}: tensor {stored.key!r} holds a non-finite value ({t[tuple(bad)].item()} at "
+                     f"index {bad}){' after conversion to ' + str(t.dtype) if converted else ''}")
 
 
 def _mapped_tensor(path: Path, key: str) -> torch.Tensor:
     """One tensor of the file, memory-mapped (nothing is read until used) through a map of its own:
     when the tensor is converted or moved, dropping it unmaps its pages, so that no more than one
     tensor is ever held twice while loading."""
-    with safe_open(path, framework="pt", device="cpu") as f:
-        return f.get_tensor(key)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+    except SafetensorError as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: SafetensorError) -> InputError:
+    return InputError(f"{path}: not a readable safetensors file ({e}); is the download complete?")
 
 
 def _place(t: torch.Tensor, name: str, checkpoint: Checkpoint, dtype, device) -> torch.Tensor:
@@ -277,99 +296,61 @@ def _column_major(name: str, shape: torch.Size, dtype, device: torch.device) -> 
             and name != "tok_embeddings.weight")
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None, mesh: DeviceMesh | None = None,
+def load_model(source, device="cpu", dtype: torch.dtype | None = None, mesh: DeviceMesh | None = None,
                mmproj=None, check_finite: bool = True, quant_math: str = "fast") -> Transformer:
-    """Load an official checkpoint folder (params.json + consolidated*.safetensors, or the Hugging
-    Face layout config.json + model-*.safetensors). dtype None keeps the stored dtype (bf16).
-    mesh: split the text blocks over its ranks (parallel.py; parallel.mesh_from_env makes it).
-    Or a GGUF file (a split set by any of its parts; see gguf_file.py) with the vision tower of the
+    """The model of a checkpoint.Checkpoint, or of a local checkpoint read here without its tokenizer: a
+    folder (params.json + consolidated*.safetensors, or the Hugging Face layout config.json +
+    model-*.safetensors), or a GGUF file (a split set by any of its parts) with the vision tower of the
     mmproj file `mmproj`, or of the mmproj*.gguf beside it when None (False: text only).
-    check_finite: refuse a weight holding NaN or an infinity (one read of every weight; see README).
+    dtype None keeps the stored dtype (bf16; float32 for a GGUF, for the activations and float tensors).
+    mesh: split the text blocks over its ranks (parallel.py; parallel.mesh_from_env makes it).
+    check_finite: refuse a float weight holding NaN or an infinity (one read of every such weight; see README).
     quant_math: how a GGUF's quantized matrices multiply, "fast" or "exact" (quants.linear)."""
-    folder = Path(path)
-    if folder.suffix != ".gguf" and not folder.is_dir():
-        if os.path.lexists(folder):
-            raise InputError(f"{folder}: not a model folder (a file, or a link to none)")
-        raise MissingFileError(f"{folder}: no such model folder")
     if quant_math not in QUANT_MATH:
         raise InputError(f"quant_math {quant_math!r}: expected one of {QUANT_MATH}")
-    checkpoint = read_checkpoint(folder, mmproj)
+    checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(_local(source), mmproj, tokenizer=False)
+    if checkpoint.layout == "gguf":
+        if mesh is not None:
+            raise InputError(f"{checkpoint.path}: tensor parallel (parallel.py) is not implemented for GGUF files")
+        dtype = dtype or torch.float32
+    if checkpoint.quant is not None and mesh is not None:
+        raise InputError(f"{checkpoint.path}: tensor parallel (parallel.py) is not implemented for quantized folders")
     # Build on the meta device (no memory) and then assign the tensors read from disk, so that
     # the weights are held once.
     with torch.device("meta"):
         model = build_model(checkpoint.args, checkpoint.vision)
-    if checkpoint.layout == "gguf":
-        if mesh is not None:
-            raise InputError(f"{folder}: tensor parallel (parallel.py) is not implemented for GGUF files")
-        # A GGUF has no single stored dtype: float32 unless asked (for the activations and float tensors).
-        dtype = dtype or torch.float32
-        with loading_bar(len(model.state_dict()), folder.name) as progress:
-            load_gguf_weights(model, checkpoint.files, device, dtype,
-                              lambda name, t: _place(t, name, checkpoint, dtype, device), progress, quant_math)
-        return model.eval()
     if mesh is not None:
         parallelize(model, mesh)   # still on meta: the split weights become DTensors of their slices
-    state = _read_tensors(checkpoint, model.state_dict(), dtype, device, check_finite)
-    model.load_state_dict(state, assign=True)
+    load_tensors(model, checkpoint, dtype, device, check_finite, quant_math)
     return model.eval()
 
 
-# ----------------------------------------------------------------------------- finding the files and the device
-
-DEFAULT_MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
-# What a run needs from the official repository: the native weights (not the second, Hugging Face
-# layout copy of the same weights), the tokenizer and the system prompt.
-HUB_FILES = ["params.json", "consolidated*.safetensors", "tekken.json", "SYSTEM_PROMPT.txt"]
-
-
-def resolve_model(name: str) -> Path:
-    """A local folder as is; a hub id ("owner/name") downloaded once (later runs use the cache)."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return folder
-    if folder.exists():
-        raise InputError(f"--model {name}: not a folder (expected a model folder or a hub id like {DEFAULT_MODEL})")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise MissingFileError(f"--model {name}: no such folder (expected a local folder with params.json, "
-                               f"consolidated.safetensors and tekken.json, or a hub id like {DEFAULT_MODEL})")
-    try:
-        return Path(huggingface_hub.snapshot_download(name, allow_patterns=HUB_FILES))
-    except Exception as e:  # no network, gated repository, missing login, typo in the id
-        raise MissingFileError(
-            f"--model {name}: could not get the files from the Hugging Face hub ({type(e).__name__}: {e}). "
-            f"On a machine with network run `hf download {name} --include {' '.join(HUB_FILES)} "
-            f"--local-dir DIR` (after `hf auth login` and accepting the model's terms if it is gated), "
-            f"then pass --model DIR") from None
+def _local(path) -> Path:
+    """A path that load_model can read: a folder or a .gguf file (a hub id is Session's, through checkpoint.py)."""
+    path = Path(path)
+    if path.suffix != ".gguf" and not path.is_dir():
+        if os.path.lexists(path):
+            raise InputError(f"{path}: not a model folder (a file, or a link to none)")
+        raise MissingFileError(f"{path}: no such model folder")
+    return path
 
 
-def model_name(model: str) -> str:
-    """A local folder is known by its name, a hub id by its last part (Mistral-Small-3.2-24B-Instruct-2506)."""
-    return Path(model).resolve().name if Path(model).is_dir() else model.split("/")[-1]
-
-
-def tokenizer_file(folder: Path) -> Path:
-    # lexists: a tekken.json that is not a regular file is named as such by Tokenizer.from_file
-    found = ([folder / "tekken.json"] if os.path.lexists(folder / "tekken.json")
-             else sorted(folder.glob("tokenizer.model*")))
-    if not found:
-        raise MissingFileError(f"{folder}: no tokenizer file (expected tekken.json)")
-    return found[0]
-
+# ----------------------------------------------------------------------------- the device
 
 def device_problem(name: str) -> str | None:
-    """Why --device `name` cannot be used here, or None: auto, cpu, cuda, cuda:N and mps are known,
+    """Why device `name` cannot be used here, or None: auto, cpu, cuda, cuda:N and mps are known,
     and cuda / mps must be available on this machine."""
     if name in ("auto", "cpu"):
         return None
     if not re.fullmatch(r"cuda(:\d+)?|mps", name):
-        return f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps"
+        return f"device={name!r}: expected auto, cpu, cuda, cuda:N or mps"
     if name == "mps":
-        return None if torch.backends.mps.is_available() else "--device 'mps': MPS is not available on this machine"
+        return None if torch.backends.mps.is_available() else "device='mps': MPS is not available on this machine"
     if not torch.cuda.is_available():
-        return f"--device {name!r}: CUDA is not available on this machine (torch {torch.__version__})"
+        return f"device={name!r}: CUDA is not available on this machine (torch {torch.__version__})"
     index = int(name.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():
-        return f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        return f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
     return None
 
 

@@ -4,6 +4,9 @@ A dense decoder: token embedding -> n_layers pre-norm blocks (GQA attention with
 feed-forward) -> RMSNorm -> untied output head. Shapes use
     B batch, S new tokens, T cache length, L cache positions read, D dim, H query heads,
     K kv heads, Dh head_dim, V vocab.
+A step through the KV cache gives the positions of its new tokens: one list for the whole batch, [S]
+(a prompt, or one answer's next token), or one list per sequence, [B, S] (answers of different lengths
+decoded together, batch.py). RoPE angles, cache writes and the attention mask follow either.
 For the real 24B model: D 5120, 40 layers, H 32, K 8, Dh 128 (so H * Dh = 4096 != D), V 131072.
 
 This module knows nothing of files or images: load.py reads the checkpoints (params.json or
@@ -61,9 +64,10 @@ def rope_table(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ADJACENT pairs (2i, 2i+1) of x [B, S, heads, Dh] by angles [S, Dh/2] (native layout)."""
+    """Rotate ADJACENT pairs (2i, 2i+1) of x [B, S, heads, Dh] by angles [S, Dh/2] or, one row of
+    positions per sequence, [B, S, Dh/2] (native layout)."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)   # [B, S, heads, Dh/2] each
-    cos, sin = cos[:, None, :], sin[:, None, :]              # broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)          # broadcast over heads
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
@@ -75,7 +79,8 @@ def local_rows(w: torch.Tensor) -> int:
 
 
 class KVCache(nn.Module):
-    """Keys and values of one layer for [B, K, T] positions, written in place at the given positions."""
+    """Keys and values of one layer for [B, K, T] positions, written in place at the given positions.
+    A forward over b <= B sequences uses the first b rows."""
 
     def __init__(self, batch: int, length: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
@@ -84,9 +89,15 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # pos [S]; k, v [B, K, S, Dh] -> the whole buffers [B, K, T, Dh]
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
+        # pos [S] or [b, S]; k, v [b, K, S, Dh] into rows 0..b-1 -> the whole buffers [B, K, T, Dh]
+        b = k.shape[0]
+        if pos.dim() == 1:
+            self.k[:b].index_copy_(2, pos, k)
+            self.v[:b].index_copy_(2, pos, v)
+        else:   # row r's S tokens go to its own positions pos[r]
+            rows = torch.arange(b, device=pos.device)[:, None]             # [b, 1]
+            self.k[rows, :, pos] = k.transpose(1, 2)                       # [b, S, K, Dh]
+            self.v[rows, :, pos] = v.transpose(1, 2)
         return self.k, self.v
 
 
@@ -102,10 +113,10 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask=None, pos=None):
-        """x [B, S, D]; cos, sin [S, Dh/2] -> [B, S, D].
-        pos [S]: the positions of x, where its keys and values are written into the cache.
-        mask bool [S, L] (True = attend): attend to the first L cache positions. None: attend to the
-        keys of x alone (causal in the text model, every patch in the tower)."""
+        """x [B, S, D]; cos, sin [S, Dh/2] or [B, S, Dh/2] -> [B, S, D].
+        pos [S] or [B, S]: the positions of x, where its keys and values are written into the cache.
+        mask bool [S, L] or [B, 1, S, L] (True = attend): attend to the first L cache positions. None:
+        attend to the keys of x alone (causal in the text model, every patch in the tower)."""
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, -1, self.head_dim)             # [B, S, H, Dh]
         k = self.wk(x).view(B, S, -1, self.head_dim)             # [B, S, K, Dh]
@@ -116,7 +127,7 @@ class Attention(nn.Module):
             cached_k, cached_v = self.cache.update(pos, k, v)   # [B, K, T, Dh]
             if mask is not None:
                 L = mask.shape[-1]
-                k, v = cached_k[:, :, :L], cached_v[:, :, :L]   # [B, K, L, Dh]
+                k, v = cached_k[:B, :, :L], cached_v[:B, :, :L]   # [B, K, L, Dh]
         # enable_gqa: kv head j serves query heads j*H/K .. (j+1)*H/K - 1, without copying k and v
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
                                              enable_gqa=q.shape[1] != k.shape[1])
@@ -176,7 +187,8 @@ class Transformer(nn.Module):
 
         input_pos None: a plain causal forward over positions 0..S-1, no cache.
         input_pos [S]: the positions of `tokens` in the sequence; keys and values are written to the
-        cache made by setup_cache() and attention sees every cached position up to its own.
+        cache made by setup_cache() and attention sees every cached position up to its own. [B, S]: the
+        positions of each sequence (row b of the batch is row b of the cache).
         collect_hidden: if a list is given, the hidden state [B, S, D] after each block is appended to it.
         images: pixel tensors [3, H, W], one per image whose [IMG] tokens are among `tokens` (only a
         vision.VisionLanguageModel takes them).
@@ -200,8 +212,8 @@ class Transformer(nn.Module):
         elif self.layers[0].attention.cache is None:
             raise InputError("input_pos given but no cache: call model.setup_cache(batch, max_seq_len) first")
         else:
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]             # [S, Dh/2]
-            mask = self.cache_mask(input_pos, kv_len)                                 # [S, L] or None
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]             # [(B,) S, Dh/2]
+            mask = self.cache_mask(input_pos, kv_len)                                 # [S, L], [B, 1, S, L] or None
         for layer in self.layers:
             h = layer(h, cos, sin, mask, input_pos)
             if collect_hidden is not None:
@@ -215,12 +227,14 @@ class Transformer(nn.Module):
         to: bool [S, L], True where the cache position is at most the token's own. The scores of S new
         tokens against L cached ones form an [S, L] matrix, and a token at position p must see the
         positions 0..p and nothing after (those hold another answer's keys, or nothing yet).
+        Positions per sequence, input_pos [B, S]: [B, 1, S, L], one matrix per sequence (for all heads).
         None for a first chunk (positions 0..S-1): it has no past, so causal attention over its own keys
         is the same and lets attention skip the masked half. (One host read per prefill; a decoding
         step, S = 1, never reads.)"""
-        if input_pos.shape[0] > 1 and int(input_pos[0]) == 0:
+        if input_pos.dim() == 1 and input_pos.shape[0] > 1 and int(input_pos[0]) == 0:
             return None
-        return self.cache_pos[:kv_len] <= input_pos[:, None]
+        mask = self.cache_pos[:kv_len] <= input_pos[..., None]                       # [(B,) S, L]
+        return mask if input_pos.dim() == 1 else mask[:, None]
 
     def embed(self, tokens: torch.Tensor, images: list[torch.Tensor] | None = None) -> torch.Tensor:
         """tokens [B, S] -> their embeddings [B, S, D]. A text model takes no images."""

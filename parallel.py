@@ -37,9 +37,14 @@ LAYER_PLAN = {
 }
 
 
+def world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun), known before the process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Whether torchrun started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
 
 
 def is_lead() -> bool:
@@ -57,7 +62,7 @@ def mesh_from_env(device: torch.device) -> tuple[DeviceMesh | None, torch.device
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise InputError(f"--device {device}: tensor parallel runs on cuda (NCCL) or cpu (gloo)")
+        raise InputError(f"device={device.type!r}: tensor parallel runs on cuda (NCCL) or cpu (gloo)")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     _share_seed(device)

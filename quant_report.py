@@ -17,12 +17,17 @@ The reference file (safetensors) holds, for P scored positions and its top-k (--
     target_logprob float32 [P]                          its log-probability of the actual next token
     text_tokens int32 [C, context]                      the chunks, and for a conversation:
     chat_tokens int32 [S], chat_image_N float32 [3, H, W], chat_first int64 [1] (its first scored position)
+    architecture int64 [7]                              the model's shapes (ARCHITECTURE)
 About 8 k + 4 bytes per position: 516 kB per 1000 positions at k = 64 (the full float16 log-softmax of the
-131072-token vocabulary would be 262 MB). The KL is that of the distributions coarsened to the reference's
-top k plus one "rest" bucket: a lower bound of the full KL (merging outcomes can only lower it), exact
-when k is the vocabulary size, and close to it when the top k hold nearly all the mass.
+131072-token vocabulary would be 262 MB). The command line also records a digest of the tokenizer's
+vocabulary (metadata `tokenizer`): score refuses a reference that does not fit the model scored (another
+model's shapes, another tokenizer, ids outside the vocabulary, images for a model without vision). The KL
+is that of the distributions coarsened to the reference's top k plus one "rest" bucket: a lower bound of
+the full KL (merging outcomes can only lower it), exact when k is the vocabulary size, and close to it
+when the top k hold nearly all the mass.
 """
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -32,10 +37,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from chat import encode_chat
-from generate import Session, add_model_flags
+from generate import Session, add_model_flags, as_flags
 from inputs import InputError, read_json, read_text, regular_file
 
-FORMAT = "quant_report/1"
+FORMAT = "quant_report/2"   # /2: the reference names its model (architecture, and the tokenizer's digest)
+# The shapes that make two files the same model, quantized or not.
+ARCHITECTURE = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -91,7 +98,7 @@ def sequences(ref: dict) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], 
 
 def make_reference(model, chunks: torch.Tensor, top_k: int = 64, chat=None) -> dict:
     """The reference's distributions over chunks [C, context] (and a conversation (ids, images, first))."""
-    ref = {"text_tokens": chunks}
+    ref = {"text_tokens": chunks, "architecture": architecture(model.args)}
     if chat is not None:
         ids, images, first = chat
         ref.update(chat_tokens=ids, chat_first=torch.tensor([first]))
@@ -122,6 +129,45 @@ def load_reference(path) -> tuple[dict, dict]:
     if about.get("format") != FORMAT:
         raise InputError(f"{path}: not a quant_report reference (format {about.get('format')!r}, expected {FORMAT!r})")
     return tensors, about
+
+
+# ----------------------------------------------------------------------------- what a reference fits
+
+def architecture(args) -> torch.Tensor:
+    """The shapes that make two checkpoints the same model, quantized or not: int64 [len(ARCHITECTURE)]."""
+    return torch.tensor([getattr(args, name) for name in ARCHITECTURE])
+
+
+def vocabulary_digest(tokenizer) -> str:
+    """What the reference's token ids mean: each id's bytes, or a control token's name, hashed."""
+    digest = hashlib.sha256()
+    for i in range(tokenizer.n_words):
+        special = tokenizer.is_special(i)
+        data = tokenizer.special_name(i).encode() if special else tokenizer.token_bytes(i)
+        digest.update(bytes([special]) + len(data).to_bytes(4, "little") + data)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def check_fit(ref: dict, about: dict, args, tokenizer, vision: bool, path) -> None:
+    """Refuse a reference made from another model than the one scored: other shapes, another tokenizer
+    (when the reference names its own), token ids outside the vocabulary, or an image conversation for a
+    model without vision."""
+    theirs = ref.get("architecture")
+    if theirs is None or theirs.shape != (len(ARCHITECTURE),):
+        raise InputError(f"{path}: the reference records no architecture [{len(ARCHITECTURE)}]: make it again")
+    differ = [f"{name} {int(a)} (reference) vs {b}" for name, a, b in zip(ARCHITECTURE, theirs, architecture(args))
+              if a != b]
+    if differ:
+        raise InputError(f"{path}: made from another model: {', '.join(differ)}")
+    if "tokenizer" in about and about["tokenizer"] != (ours := vocabulary_digest(tokenizer)):
+        raise InputError(f"{path}: made with another tokenizer (vocabulary digest {about['tokenizer']:.20}..., this "
+                         f"model's {ours:.20}...): its token ids mean other text")
+    for name in ("text_tokens", "top_ids", "chat_tokens"):
+        if name in ref and ref[name].numel() and not 0 <= int(ref[name].min()) <= int(ref[name].max()) < args.vocab_size:
+            raise InputError(f"{path}: {name} holds ids outside this model's vocabulary of {args.vocab_size}")
+    if "chat_tokens" in ref and any(k.startswith("chat_image_") for k in ref) and not vision:
+        raise InputError(f"{path}: the reference scores a conversation with images, and this model has no vision "
+                         f"encoder (a GGUF's is its mmproj file: mmproj=FILE)")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -184,40 +230,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", help="reference: the text file to score")
     p.add_argument("--messages", help="reference: a conversation (OpenAI format, images allowed) ending with the "
                                       "assistant answer to score")
-    p.add_argument("--context", type=int, default=512, help="reference: tokens per chunk (default %(default)s)")
+    p.add_argument("--context", type=int, help="reference: tokens per chunk (default 512)")
     p.add_argument("--chunks", type=int, help="reference: at most this many chunks")
-    p.add_argument("--top-k", type=int, default=64, help="reference: top-k stored per position (default %(default)s)")
+    p.add_argument("--top-k", type=int, help="reference: top-k stored per position (default 64)")
     p.add_argument("--out", help="reference: the file to write")
     p.add_argument("--reference", help="score: the reference file")
     p.add_argument("--json", help="score: also write the results to this JSON file")
     args = p.parse_args(argv)
+    other_mode = {"reference": ("reference", "json"), "score": ("text", "messages", "context", "chunks", "top_k",
+                                                                 "out")}[args.mode]
+    if given := [f"--{name.replace('_', '-')}" for name in other_mode if getattr(args, name) is not None]:
+        p.error(f"{args.mode} does not take {', '.join(given)} (the other mode's)")
     if args.mode == "reference" and not (args.text and args.out):
         p.error("reference needs --text and --out")
     if args.mode == "score" and not args.reference:
         p.error("score needs --reference")
-    if args.context < 2 or args.top_k < 1 or args.chunks is not None and args.chunks < 1:
+    context, top_k = args.context or 512, args.top_k or 64
+    if context < 2 or top_k < 1 or args.chunks is not None and args.chunks < 1:
         p.error("--context must be at least 2, --top-k and --chunks at least 1")
     try:
         session = Session(args.model, args.device, args.dtype, tokenizer=args.tokenizer, mmproj=args.mmproj,
                           quant_math="exact")
-        model = session.load()
+        tokenizer, model_args = session.tokenizer, session.checkpoint.args
         if args.mode == "reference":
-            tokenizer = session.tokenizer
             ids = tokenizer.encode(read_text(args.text, what=f"--text {args.text}"))
-            chunks = text_chunks(ids, tokenizer.bos_id, args.context, args.chunks)
+            chunks = text_chunks(ids, tokenizer.bos_id, context, args.chunks)
             chat = conversation(tokenizer, read_json(Path(args.messages))) if args.messages else None
-            ref = make_reference(model, chunks, args.top_k, chat)
-            save_reference(args.out, ref, {"model": args.model, "dtype": args.dtype, "top_k": str(args.top_k)})
+            ref = make_reference(session.load(), chunks, top_k, chat)
+            save_reference(args.out, ref, {"model": args.model, "dtype": args.dtype, "top_k": str(top_k),
+                                           "tokenizer": vocabulary_digest(tokenizer)})
             print(f"{args.out}: {len(ref['target_logprob'])} positions, {Path(args.out).stat().st_size / 1e6:.1f} MB")
         else:
             ref, about = load_reference(args.reference)
-            results = score(model, ref)
+            check_fit(ref, about, model_args, tokenizer, session.checkpoint.vision is not None, args.reference)
+            results = score(session.load(), ref)
             print_report(results, args.model, f"{about.get('model')} ({about.get('dtype')})")
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_flags(p, str(e))}", file=sys.stderr)
         return 2
 
 

@@ -68,6 +68,7 @@ class Tokenizer:
     pad_id: int      # -1 where the file defines no padding token (SentencePiece files)
     unk_id: int
     image: ImageConfig | None = None
+    leading_space = False    # decode drops one space at the start of a text (SentencePiece's dummy prefix)
     _specials: dict[int, str]       # id -> name of every special token
     _special_ids: dict[str, int]    # name -> id
 
@@ -121,7 +122,8 @@ class Tokenizer:
 
     def token_bytes(self, id: int) -> bytes:
         """Raw bytes of one token (b"" for a special token). A streaming printer joins these and
-        decodes them incrementally, so a character split across tokens comes out whole."""
+        decodes them incrementally, so a character split across tokens comes out whole (less the
+        first space where `leading_space`)."""
         (id,) = self._checked([id])
         return b"" if id in self._specials else self._token_bytes(id)
 
@@ -226,6 +228,8 @@ class Tekken(Tokenizer):
 class SentencePiece(Tokenizer):
     """SentencePiece (.model files of the v1, v2, v3 and v7 Mistral tokenizers). Its control
     pieces are the special tokens: <s> and </s>, from v2 on also [INST], [/INST], ..."""
+
+    leading_space = True
 
     def __init__(self, path: Path, data: bytes | None = None):
         path = Path(path)

@@ -33,7 +33,7 @@ class VisionArgs:
     num_hidden_layers: int
     num_attention_heads: int
     image_token_id: int
-    # Checked against the tokenizer (check_tokenizer); Hugging Face's config.json lacks the last two.
+    # Checked against the tokenizer (checkpoint.check_tokenizer); Hugging Face's config.json lacks the last two.
     image_break_token_id: int | None = None
     image_end_token_id: int | None = None
     adapter_bias: bool = True
@@ -50,27 +50,6 @@ class VisionArgs:
     def cell(self) -> int:
         """Pixels per side of one image token (28)."""
         return cell_size(self.patch_size, self.spatial_merge_size)
-
-
-def check_tokenizer(vision: VisionArgs, tokenizer, source: str) -> None:
-    """The tokenizer preprocesses and lays out the images (tekken.json's image section), the model
-    reads them (params.json): both must describe the same images. `source` names the model's file."""
-    image = tokenizer.image
-    if image is None:
-        raise InputError(f"{source} has a vision encoder but the tokenizer has no image settings")
-    pairs = [("patch size", image.patch_size, vision.patch_size),
-             ("spatial merge size", image.spatial_merge_size, vision.spatial_merge_size),
-             ("[IMG] id", tokenizer.special_id("[IMG]"), vision.image_token_id)]
-    if vision.max_image_size is not None:
-        pairs.append(("max image size", image.max_image_size, vision.max_image_size))
-    for name, token, ident in (("[IMG_BREAK] id", "[IMG_BREAK]", vision.image_break_token_id),
-                               ("[IMG_END] id", "[IMG_END]", vision.image_end_token_id)):
-        if ident is not None:
-            pairs.append((name, tokenizer.special_id(token), ident))
-    for name, theirs, ours in pairs:
-        if theirs != ours:
-            raise InputError(f"the tokenizer and {source} disagree on the {name}: {theirs} in the tokenizer, "
-                             f"{ours} in the model's configuration")
 
 
 # ---- the encoder -----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from load import load_model  # noqa: E402
 PARAMS = {"dim": 512, "n_layers": 4, "head_dim": 128, "hidden_dim": 2048, "n_heads": 8, "n_kv_heads": 2,
           "rope_theta": 1e9, "norm_eps": 1e-5, "vocab_size": 32768, "max_position_embeddings": 4096}
 TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_K", "Q6_K")
-PROMPT, NEW_TOKENS, ROUNDS, POSITIONS = 16, 24, 3, 64
+PROMPT, NEW_TOKENS, POSITIONS = 16, 24, 64
 
 
 def decode_rate(model, vocab: int, prompt: int = PROMPT, new: int = NEW_TOKENS) -> tuple[float, float]:
@@ -59,7 +59,7 @@ def logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return model(tokens[None])[0].float()
 
 
-def tiny(threads: int):
+def tiny(threads: int, rounds: int):
     torch.manual_seed(0)
     tokens = torch.randint(0, PARAMS["vocab_size"], (POSITIONS,), generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,13 +73,13 @@ def tiny(threads: int):
                          f"{name} fast": (tmp / f"{name}.gguf", torch.float32, "fast")})
         models = {run: load_model(path, dtype=dtype, quant_math=math) for run, (path, dtype, math) in runs.items()}
         out = {run: logits(model, tokens) for run, model in models.items()}
-        # The machine is shared: the models take turns, ROUNDS times, and the best run of each counts.
+        # The machine is shared: the models take turns, --rounds times, and the best run of each counts.
         best = {run: 0.0 for run in models}
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             for run, model in models.items():
                 best[run] = max(best[run], decode_rate(model, PARAMS["vocab_size"])[1])
     print(f"{threads} threads, load average {os.getloadavg()[0]:.1f}; model D {PARAMS['dim']}, {PARAMS['n_layers']} "
-          f"layers, vocabulary {PARAMS['vocab_size']}; {NEW_TOKENS} new tokens after {PROMPT}, best of {ROUNDS} runs; "
+          f"layers, vocabulary {PARAMS['vocab_size']}; {NEW_TOKENS} new tokens after {PROMPT}, best of {rounds} runs; "
           f"logits over {POSITIONS} positions\n")
     print("| model | weights read/token, MB | decode tok/s | GB/s | vs bf16 | fast vs exact: max logit diff "
           "| exact vs float32 | top-1 agreement |")
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--file", help="a GGUF to measure against llama.cpp (see write_q4_k_m.py)")
     p.add_argument("--llama-bench", help="llama.cpp's llama-bench binary (with --file)")
     p.add_argument("--threads", type=int, default=2, help="(default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="tiny files: rounds of runs, the models taking turns, the "
+                                                         "best run of each counting (default: %(default)s)")
     p.add_argument("--prompt", type=int, default=64, help="--file: prompt tokens (default: %(default)s)")
     p.add_argument("--new", type=int, default=16, help="--file: decoded tokens (default: %(default)s)")
     p.add_argument("--repetitions", type=int, default=2, help="--file: llama-bench's -r (default: %(default)s)")
@@ -194,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="--file: profile our decoding step")
     p.add_argument("--ours", help=argparse.SUPPRESS)   # the child process that measures the project
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: expected 1 or more")
     torch.set_num_threads(args.threads)
     if args.ours:
         print(json.dumps(ours(args.ours, args.prompt, args.new, args.quant_math, args.profile)))
     elif args.file:
         compare(args)
     else:
-        tiny(args.threads)
+        tiny(args.threads, args.rounds)
     return 0
 
 

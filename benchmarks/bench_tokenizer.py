@@ -5,6 +5,7 @@
 Both load the same exact v11 tekken.json; the ids are checked equal before timing. Times are the
 best of several interleaved runs, so both see the same machine load.
 """
+import argparse
 import random
 import sys
 import tempfile
@@ -57,6 +58,12 @@ def best_times(functions: dict, repeats: int = 7) -> dict:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=7, help="timed runs of each side, interleaved; the best counts "
+                                                          "(default: %(default)s)")
+    repeats = p.parse_args().repeats
+    if repeats < 1:
+        p.error(f"--repeats {repeats}: expected 1 or more")
     with tempfile.TemporaryDirectory() as folder:
         path = write_tekken(folder, "v11")
         ours, theirs = Tokenizer.from_file(path), Tekkenizer.from_file(path)
@@ -71,7 +78,7 @@ def main() -> None:
         "decode": {"ours": lambda: ours.decode(ids), "mistral-common": lambda: theirs.decode(ids)},
     }
     for task, functions in tasks.items():
-        t = best_times(functions)
+        t = best_times(functions, repeats)
         ratio = t["mistral-common"] / t["ours"]
         print(f"{task}: ours {t['ours'] * 1e3:7.1f} ms   mistral-common {t['mistral-common'] * 1e3:7.1f} ms"
               f"   mistral-common / ours = {ratio:.2f} (above 1: ours is faster)")

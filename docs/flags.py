@@ -75,9 +75,14 @@ def documents() -> list[Path]:
     return sorted([*ROOT.glob("*.md"), *ROOT.glob("[!.]*/*.md")])
 
 
-if __name__ == "__main__":
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     for doc in documents():
         text = doc.read_text()
         if (new := refresh(text)) != text:
             doc.write_text(new)
             print(f"updated {doc.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

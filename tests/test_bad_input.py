@@ -387,6 +387,10 @@ CASES = [
     C("2-hf-layers-string", with_hf_config(num_hidden_layers="2"), ("config.json", "'num_hidden_layers'", "'2'")),
     C("2-hf-eps-negative", with_hf_config(rms_norm_eps=-1e-5), ("'rms_norm_eps'", "-1e-05")),
     C("2-hf-hidden-act", with_hf_config(hidden_act="gelu"), ("config.json", "hidden_act", "gelu")),
+    C("2-hf-quantization-awq", with_hf_config(quantization_config={"quant_method": "awq", "bits": 4}),
+      ("config.json", "quant_method 'awq'", "supported: MLX affine")),
+    C("2-mlx-quantization-mode", with_hf_config(quantization={"group_size": 32, "bits": 4, "mode": "nvfp4"}),
+      ("config.json", "MLX mode 'nvfp4'", "supported: MLX affine")),
     C("2-hf-config-a-list", lambda e: load_model(_hf_raw(e, "[]")), ("config.json", "list")),
     C("2-hf-text-config-not-an-object", with_hf_config(text_config=[1]), ("config.json", "text_config")),
     C("2-vocab-smaller-than-tokenizer", lambda e: cli(model=str(_small_vocab_repo(e)))(e),
@@ -726,16 +730,18 @@ def test_controls_are_valid(ctx, tmp_path):
 # ----------------------------------------------------------------------------- beyond the table
 
 def test_interactive_bad_image_keeps_the_session(ctx, interactive_session, capsys):
-    """A bad /image drops its turn with the error printed; the next turn is answered."""
+    """A bad /image is reported when it is typed and not attached; every message is answered (issue 21:
+    it was reported with the next message, which was then dropped)."""
     prompts = interactive_session(["/image /no/such/photo.png", "Hello", "/image ftp://example.com/a.png", "Hi",
                                    "And now?"])
     assert generate.main(["--model", str(ctx.repo), "-i", "--max-tokens", "2", "--dtype", "float32",
                           "--temperature", "0"]) == 0
     err = capsys.readouterr().err
     assert "/no/such/photo.png" in err and "'ftp'" in err and "Traceback" not in err
-    assert len(prompts) == 1                                            # only "And now?" was answered
-    answered = ctx.tokenizer.decode(prompts[0])
-    assert "And now?" in answered and "Hello" not in answered and "Hi" not in answered
+    assert len(prompts) == 3                                            # Hello, Hi and And now? answered
+    answered = ctx.tokenizer.decode(prompts[-1])
+    assert all(text in answered for text in ("Hello", "Hi", "And now?"))
+    assert ctx.tokenizer.special_id("[IMG]") not in prompts[-1]        # no image went with them
 
 
 def test_interrupt_during_loading_is_not_swallowed(ctx, monkeypatch):

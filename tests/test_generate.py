@@ -1,16 +1,21 @@
 """The sampler, the dump and compare tools, the hub download; the command line end to end."""
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import chat
+import checkpoint
 import generate
 from dump import compare
 from generate import Sampling, filter_probs, sample
+from inputs import InputError
 from load import load_model
+from tekken_files import write_tekken
+from tokenizer import Tokenizer
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -60,15 +65,43 @@ def test_seeded_sampling_is_reproducible():
     assert any(draw(7) != draw(seed) for seed in range(8, 12))
 
 
+def test_the_sampler_sorts_only_when_a_filter_applies(monkeypatch):
+    """The card's defaults (top_p 1, top_k 0) filter nothing: the vocabulary is not sorted, and the draw is
+    multinomial over the softmax itself. top_k alone takes the k largest (no sort); top_p sorts (control)."""
+    sorts, real = [], torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorts.append(self.shape) or real(self, *a, **k))
+    logits = torch.randn(2, 131072, generator=torch.Generator().manual_seed(0))
+    seeded = lambda: torch.Generator().manual_seed(3)   # noqa: E731
+    drawn = sample(logits, Sampling(temperature=0.15), seeded())
+    assert sorts == []
+    assert drawn.tolist() == torch.multinomial(torch.softmax(logits / 0.15, -1), 1, generator=seeded())[:, 0].tolist()
+    top_k = sample(logits, Sampling(temperature=0.15, top_k=50), seeded())
+    assert sorts == [] and all(int(t) in logits[i].topk(50).indices for i, t in enumerate(top_k))
+    sample(logits, Sampling(temperature=0.15, top_p=0.9), seeded())
+    assert sorts == [(2, 131072)]
+
+
 def test_model_card_defaults():
     assert generate.card_defaults("Mistral-Small-3.2-24B-Instruct-2506") == Sampling(0.15, 1.0, max_tokens=4096)
     assert generate.card_defaults("Magistral-Small-2506") == Sampling(0.7, 0.95, max_tokens=40960)
+
+
+def test_model_card_defaults_per_magistral_release():
+    """Each Magistral card's own sampling, found in hub ids, GGUF and MLX conversions' names alike."""
+    for name in ("mistralai/Magistral-Small-2509", "unsloth/Magistral-Small-2509-GGUF:Q4_K_M"):
+        assert generate.card_defaults(name) == Sampling(0.7, 0.95, max_tokens=131072)
+    for name in ("mistralai/Magistral-Small-2507", "lmstudio-community/Magistral-Small-2507-MLX-4bit"):
+        assert generate.card_defaults(name) == Sampling(0.7, 0.95, max_tokens=40960)
+    small = Sampling(0.15, 1.0, max_tokens=4096)
+    assert generate.card_defaults("mistralai/Mistral-Small-3.1-24B-Instruct-2503") == small
+    assert generate.card_defaults("Magistral-Small-2509") is not generate.card_defaults("Magistral-Small-2509")
 
 
 # ----------------------------------------------------------------------------- streaming
 
 class FakeTokenizer:
     pieces = {5: "é".encode()[:1], 6: "é".encode()[1:], 7: b" ok", 2: b""}
+    eos_id, leading_space = 2, False
 
     def is_special(self, i):
         return i == 2
@@ -76,23 +109,28 @@ class FakeTokenizer:
     def token_bytes(self, i):
         return self.pieces[i]
 
+    def special_id(self, name):
+        raise InputError(f"no {name}")
+
 
 def test_stream_prints_a_split_utf8_character_once_complete():
-    out = []
-    stream = chat.TextStream(FakeTokenizer(), write=out.append)
-    for t in (5, 6, 7, 2):
-        stream(t)
-    stream.flush()
-    assert out[0] == "" and "".join(out) == "é ok"
+    stream = chat.OutputStream(FakeTokenizer())
+    out = [stream.feed(t) for t in (5, 6, 7, 2)] + [stream.close()]
+    assert out[0] == [] and "".join(text for pieces in out for _, text in pieces) == "é ok"
 
 
-def test_reasoning_split(capsys):
-    split = chat.ReasoningSplit()
+def test_reasoning_split(capsys, tmp_path):
+    """The CLI's terminal: a 2506 thought in <think> tags to stderr, the answer to stdout (each without
+    the blanks that put it on lines of its own, as parse_output reads it)."""
+    tokenizer = Tokenizer.from_file(write_tekken(tmp_path, "v11"))
+    stream = chat.OutputStream(tokenizer, tags=True)
     for piece in ("<th", "ink>\nlet me ", "think</thi", "nk>\nThe answer."):
-        split(piece)
+        for token in tokenizer.encode(piece):
+            generate.show(stream.feed(token))
+    generate.show(stream.close())
     captured = capsys.readouterr()
-    assert captured.err == "\nlet me think"
-    assert captured.out == "\nThe answer."
+    assert captured.err == "let me think"
+    assert captured.out == "The answer."
 
 
 # ----------------------------------------------------------------------------- the hub
@@ -105,7 +143,7 @@ def test_hub_download_asks_for_exactly_the_needed_files(monkeypatch, tmp_path):
         return str(tmp_path)
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert generate.resolve_model("mistralai/Mistral-Small-3.2-24B-Instruct-2506") == tmp_path
+    assert checkpoint.resolve_model("mistralai/Mistral-Small-3.2-24B-Instruct-2506") == tmp_path
     assert calls == [("mistralai/Mistral-Small-3.2-24B-Instruct-2506",
                       ["params.json", "consolidated*.safetensors", "tekken.json", "SYSTEM_PROMPT.txt"], {})]
 
@@ -133,7 +171,6 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from checkpoints import TINY_VISION_PARAMS, hf_mistral3_model, write_native  # noqa: E402
-from tekken_files import write_tekken  # noqa: E402
 
 PARAMS = {**TINY_VISION_PARAMS, "vocab_size": 131072, "max_position_embeddings": 600}
 SYSTEM = "You are {name}, a helpful assistant. Today is {today}."

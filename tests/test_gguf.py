@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+import checkpoint
 import generate
 import gguf_file
 import quant_report
@@ -163,9 +164,8 @@ def test_unsupported_type_is_refused_with_the_tensor_name(weights, folder):
     w = GGUFWriter(str(path), "llama")
     w.add_tensor("blk.0.attn_q.weight", np.zeros((256, 54 * 2), np.uint8), raw_dtype=quants.GGMLQuantizationType.TQ1_0)
     finish(w)
-    info = gguf_file.read_gguf(path).tensors["blk.0.attn_q.weight"]
     with pytest.raises(InputError, match=r"blk\.0\.attn_q\.weight.*TQ1_0"):
-        gguf_file._quantized_module(torch.nn.Linear(1, 1), torch.zeros(1), info, str(path), torch.float32)
+        gguf_file.read_gguf(path)   # refused with the header, before a model is built
 
 
 def test_not_a_gguf_and_a_truncated_file(folder, weights):
@@ -190,7 +190,8 @@ def test_header_parser_equals_gguf_reader(weights, folder):
         mine = ours.tensors[t.name]
         assert mine.type_name == t.tensor_type.name and mine.n_bytes == t.n_bytes
         assert mine.shape == tuple(int(n) for n in reversed(t.shape))   # GGUF's ne, innermost first
-        assert np.array_equal(gguf_file._tensor_bytes(path, mine).numpy().ravel(), t.data.view(np.uint8).ravel())
+        with open(path, "rb") as file:
+            assert np.array_equal(gguf_file.tensor_bytes(file, mine).numpy().ravel(), t.data.view(np.uint8).ravel())
 
 
 def test_quantized_model_holds_no_dequantized_copy(weights, folder):
@@ -405,7 +406,7 @@ def gguf_tekken(request, tmp_path_factory):
 
 def test_gguf_tokenizer_gives_mistral_common_ids(gguf_tekken):
     version, path, tekken = gguf_tekken
-    ours, theirs = gguf_file.gguf_tokenizer(path), Tekkenizer.from_file(tekken)
+    ours, theirs = gguf_file.gguf_tokenizer(gguf_file.read_gguf(path)), Tekkenizer.from_file(tekken)
     assert ours.version == version and ours.n_words == 131072
     assert [ours.special_id(n) for n in ("[INST]", "[IMG]", "[IMG_BREAK]", "<pad>")] == [3, 10, 12, 11]
     problems = {s: found for s in CORPUS if (found := differences(ours, theirs, s))}
@@ -420,7 +421,7 @@ def test_a_tokenizer_that_is_not_tekken_is_refused(tmp_path):
     add_tokenizer(w, ["a", "b"], [1, 1], pre="llama-bpe")
     finish(w)
     with pytest.raises(InputError, match="not a Tekken tokenizer"):
-        gguf_file.gguf_tokenizer(tmp_path / "llama3.gguf")
+        gguf_file.gguf_tokenizer(gguf_file.read_gguf(tmp_path / "llama3.gguf"))
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -475,16 +476,16 @@ def test_hub_quant_downloads_only_that_quant_and_the_f16_mmproj(cli_files, monke
         calls.append((repo_id, allow_patterns))
         return str(gguf.parent)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    text, mmproj = gguf_file.resolve_gguf("someone/Tiny-GGUF:q")
+    text, mmproj = checkpoint.local_files("someone/Tiny-GGUF:q")
     assert calls[-1] == ("someone/Tiny-GGUF", ["Tiny-Q.gguf", "mmproj-F16.gguf"])
     assert text == gguf and mmproj == gguf.parent / "mmproj-F16.gguf"
-    gguf_file.resolve_gguf("someone/Tiny-GGUF:BF16", mmproj="f32")
+    checkpoint.local_files("someone/Tiny-GGUF:BF16", mmproj="f32")
     assert calls[-1][1] == ["BF16/Tiny-BF16-00001-of-00002.gguf", "BF16/Tiny-BF16-00002-of-00002.gguf",
                             "mmproj-F32.gguf"]
-    gguf_file.resolve_gguf("someone/Tiny-GGUF:Q4_K_XL", mmproj="none")
+    checkpoint.local_files("someone/Tiny-GGUF:Q4_K_XL", mmproj="none")
     assert calls[-1][1] == ["Tiny-UD-Q4_K_XL.gguf"]
     with pytest.raises(InputError, match="has no Q5_K_M file"):
-        gguf_file.resolve_gguf("someone/Tiny-GGUF:Q5_K_M")
+        checkpoint.local_files("someone/Tiny-GGUF:Q5_K_M")
 
 
 # ----------------------------------------------------------------------------- the KL report
@@ -573,3 +574,52 @@ def test_gguf_metadata_is_checked_as_params_json_is(key, value, message):
             "llama.vocab_size": 1000, f"llama.{key}": value}
     with pytest.raises(InputError, match=message):
         gguf_file.text_args(meta, "model.gguf")
+
+
+# ----------------------------------------------------------------------------- what a new user trips over (issue 21)
+
+def test_an_image_for_a_gguf_without_its_mmproj_names_the_missing_file(cli_files, tmp_path, capsys):
+    """Not "this tokenizer has no image support": the mmproj*.gguf that is missing and how to give it, as a
+    flag on the command line and as the argument from Python. Control: with its mmproj the image is read."""
+    native, gguf = cli_files
+    alone = tmp_path / gguf.name
+    alone.symlink_to(gguf)                                     # the text file without the mmproj beside it
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(image)
+    args = ["--dtype", "float32", "--max-tokens", "1", "--image", str(image), "What is this?"]
+    assert generate.main(["--model", str(alone)] + args) == 2
+    err = capsys.readouterr().err
+    assert "no vision file was found beside this GGUF" in err and "mmproj*.gguf" in err and "--mmproj FILE" in err
+    assert "mmproj=" not in err and "no image support" not in err, err
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": str(image)}}]}]
+    with pytest.raises(InputError, match=r"mmproj\*\.gguf beside it, or pass mmproj=FILE"):
+        generate.Session(str(alone), dtype="float32").answer(messages)
+    assert generate.main(["--model", str(alone), "--mmproj", str(gguf.parent / "mmproj-F32.gguf")] + args) == 0
+
+
+def test_score_refuses_a_reference_made_from_another_model(cli_files, tmp_path, capsys):
+    """Another model's shapes, another tokenizer: refused, naming what differs (it printed "top-1 0.00 %",
+    exit 0). Control: the GGUF of the reference's own weights is scored."""
+    native, gguf = cli_files
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    ref = tmp_path / "ref.safetensors"
+    assert quant_report.main(["reference", "--model", str(native), "--text", str(tmp_path / "text.txt"),
+                              "--context", "32", "--chunks", "2", "--out", str(ref)]) == 0
+    wider = tmp_path / "wider"
+    write_native(wider, {k: v for k, v in CLI_PARAMS.items() if k != "vision_encoder"} | {"dim": 64}, seed=5)
+    write_tekken(wider, "v11")
+    retokenized = tmp_path / "retokenized"
+    retokenized.mkdir()
+    for name in ("params.json", "consolidated.safetensors"):
+        (retokenized / name).symlink_to(native / name)
+    write_tekken(retokenized, "v7")
+    capsys.readouterr()
+    for model, message in [(wider, "made from another model: dim 48 (reference) vs 64"),
+                           (retokenized, "made with another tokenizer")]:
+        assert quant_report.main(["score", "--model", str(model), "--reference", str(ref)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert quant_report.main(["score", "--model", str(gguf), "--reference", str(ref), "--json",
+                              str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["text"]["top1"] == 1

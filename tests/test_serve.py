@@ -26,6 +26,7 @@ from openai import OpenAI
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import batch
 import compare_server
 import generate
 import serve
@@ -73,11 +74,12 @@ def session(repo):
 
 
 @contextmanager
-def serving(session, limits: Limits | None = None):
-    """A server on a free port, in a thread; its base URL (http://127.0.0.1:PORT)."""
-    server = serve.Server(session, MODEL_ID, limits, port=0)
+def serving(session, limits: Limits | None = None, **options):
+    """A server on a free port, in a thread; its base URL (http://127.0.0.1:PORT). options: Server's."""
+    server = serve.Server(session, MODEL_ID, limits, port=0, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    assert server.ready.wait(timeout=60), "the model did not load"
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
@@ -114,6 +116,18 @@ def raw(url: str, method: str, path: str, body: bytes | dict | None = None) -> t
         conn.close()
 
 
+def exchange(url: str, method: str, path: str, headers: dict) -> tuple[int, dict, bytes]:
+    """(status, response headers, body) of one request without a body, with `headers`."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
 def hello(client, text: str = "Hello", **kw):
     return client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": text}],
                                           temperature=kw.pop("temperature", 0), max_tokens=kw.pop("max_tokens", 6), **kw)
@@ -131,12 +145,12 @@ def script(monkeypatch):
     """script(ids): the next tokens sampled are `ids` (random weights never call a tool), then the
     model's own again."""
     def set_script(ids: list[int]):
-        real, queued = generate.sample, iter(ids)
+        real, queued = batch.sample, iter(ids)
 
         def sample(logits, s, generator=None):
             token = next(queued, None)
             return real(logits, s, generator) if token is None else torch.tensor([token])
-        monkeypatch.setattr(generate, "sample", sample)
+        monkeypatch.setattr(batch, "sample", sample)
     return set_script
 
 
@@ -332,6 +346,96 @@ def test_seed_stop_and_max_tokens(client):
     assert hello(client, max_tokens=3).usage.completion_tokens == 3
 
 
+# ----------------------------------------------------------------------------- completions (the legacy API)
+
+def token_text(tok, token: int) -> str:
+    """A token as the logprobs name it: its text, or a control token's name."""
+    return tok.special_name(token) if tok.is_special(token) else tok.token_bytes(token).decode(errors="replace")
+
+
+@torch.inference_mode()
+def test_completions_echo_and_logprobs_are_the_models_own(client, session, repo):
+    """The real openai client's completions.create with echo and logprobs: the prompt's tokens (<s> first,
+    without a logprob, as OpenAI's first token), then the answer's, each with the logprob and the top 3
+    of the model run in-process; the text and the offsets of each token in it."""
+    tok, prompt = session.tokenizer, "The capital of France is"
+    response = client.completions.create(model=MODEL_ID, prompt=prompt, echo=True, logprobs=3, max_tokens=5,
+                                         temperature=0)
+    (choice,) = response.choices
+    ids = tok.encode(prompt, bos=True)
+    model = load_model(repo)
+    answer, _ = generate.generate(model, ids, [], 5, generate.Sampling(temperature=0), {tok.eos_id})
+    every = ids + answer
+    expected = model(torch.tensor([every]))[0].log_softmax(-1)                     # [n, V]
+    assert response.id.startswith("cmpl-") and response.object == "text_completion" and choice.index == 0
+    assert choice.text == prompt + tok.decode(answer) and choice.finish_reason == "length"
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(ids), 5)
+    lp = choice.logprobs
+    assert lp.tokens == [token_text(tok, t) for t in every]
+    assert lp.tokens[0] == "<s>" and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    worst = 0.0
+    for i in range(1, len(every)):
+        row, top = expected[i - 1], expected[i - 1].topk(3)
+        worst = max(worst, abs(lp.token_logprobs[i] - row[every[i]].item()))
+        assert set(lp.top_logprobs[i]) == {token_text(tok, t) for t in [every[i], *top.indices.tolist()]}
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(top.values[0].item(), abs=1e-4)
+    print(f"\ncompletions with echo and logprobs: {len(every)} tokens, max |served - in-process| {worst:.1e}")
+    assert worst < 1e-4
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[:2] == [0, 0]     # <s> has no text
+    for token, offset, t in zip(lp.tokens, lp.text_offset, every):
+        if not tok.is_special(t) and "\ufffd" not in token:                               # a whole character
+            assert choice.text[offset:offset + len(token)] == token
+
+    as_ids = client.completions.create(model=MODEL_ID, prompt=every, echo=True, logprobs=0, max_tokens=0,
+                                       extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    assert as_ids.text == choice.text and as_ids.logprobs.tokens == [f"token_id:{t}" for t in every]
+    assert as_ids.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:len(every)], abs=1e-5)
+    assert all(top is None or list(top) == [f"token_id:{t}"] for top, t in zip(as_ids.logprobs.top_logprobs, every))
+    alone = client.completions.create(model=MODEL_ID, prompt=[tok.bos_id], echo=True, logprobs=2, max_tokens=0)
+    assert alone.choices[0].logprobs.tokens == ["<s>"] and alone.choices[0].logprobs.token_logprobs == [None]
+
+
+def test_completions_batch_stream_stop_and_seed(client, session):
+    """A batch of prompts (ids and text) answers each as alone; a stream sends the same text and logprobs;
+    stop strings cut the text; a seed gives the same sample."""
+    tok = session.tokenizer
+    prompts = [tok.encode("Once upon a time", bos=True), "In a galaxy far away"]
+    complete = lambda prompt, **kw: client.completions.create(   # noqa: E731
+        model=MODEL_ID, prompt=prompt, max_tokens=kw.pop("max_tokens", 6), temperature=kw.pop("temperature", 0), **kw)
+    alone = [complete(p).choices[0].text for p in prompts]
+    both = complete(prompts)
+    assert [c.index for c in both.choices] == [0, 1] and [c.text for c in both.choices] == alone and all(alone)
+    assert both.usage.prompt_tokens == len(prompts[0]) + len(tok.encode(prompts[1], bos=True))
+    assert both.usage.completion_tokens == 12
+
+    whole = complete(prompts[1], echo=True, logprobs=2).choices[0]
+    chunks = list(complete(prompts[1], echo=True, logprobs=2, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(p.text for p in pieces) == whole.text and pieces[-1].finish_reason == "length"
+    streamed = [p.logprobs for p in pieces if p.logprobs]
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for lp in streamed for x in getattr(lp, field)] == getattr(whole.logprobs, field), field
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+    stop = alone[1][2:5]
+    stopped = complete(prompts[1], stop=[stop]).choices[0]
+    assert stopped.text == alone[1][:alone[1].index(stop)] and stopped.finish_reason == "stop"
+    draw = lambda seed: complete(prompts[1], temperature=1.0, seed=seed, max_tokens=8).choices[0].text  # noqa: E731
+    assert draw(3) == draw(3) and any(draw(3) != draw(seed) for seed in (4, 5, 6))
+
+
+def test_tokenize_a_text_and_detokenize(url, session):
+    """vLLM's /tokenize of a text, /detokenize and /tokenizer_info: what lm-eval's remote tokenizer asks."""
+    tok = session.tokenizer
+    status, body = raw(url, "POST", "/tokenize", {"prompt": "Hello world"})
+    assert status == 200 and body["tokens"] == tok.encode("Hello world", bos=True) and body["max_model_len"] == 300
+    status, body = raw(url, "POST", "/tokenize", {"prompt": "[INST] </s>", "add_special_tokens": False})
+    assert body["tokens"] == tok.encode("[INST] </s>") and tok.eos_id not in body["tokens"]   # text, not control
+    assert raw(url, "POST", "/detokenize", {"tokens": tok.encode("Hello world", bos=True)}) == (200, {"prompt": "Hello world"})
+    status, info = raw(url, "GET", "/tokenizer_info")
+    assert status == 200 and (info["bos_token"], info["eos_token"], info["model_max_length"]) == ("<s>", "</s>", 300)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def bad_inputs(repo) -> list:
@@ -369,7 +473,26 @@ def bad_inputs(repo) -> list:
         ("empty stop string", "POST", "/v1/chat/completions", {**user("hi"), "stop": [""]}, 400,
          "stop must be a string or a list of non-empty strings"),
         ("unknown route", "GET", "/v1/nothing", None, 404, "unknown route: GET /v1/nothing"),
-        ("POST to an unknown route", "POST", "/v1/completions", {"prompt": "hi"}, 404, "unknown route"),
+        ("completion without a prompt", "POST", "/v1/completions", {"model": MODEL_ID}, 400,
+         "prompt must be a text, a non-empty list of token ids, or a non-empty list of either"),
+        ("completion, an empty prompt list", "POST", "/v1/completions", {"prompt": []}, 400, "prompt must be a text"),
+        ("completion, ids and a number in one list", "POST", "/v1/completions", {"prompt": [[1, 2], 3]}, 400,
+         "prompt must be a text"),
+        ("completion, a token id out of range", "POST", "/v1/completions", {"prompt": [1, 200000]}, 400,
+         "token id 200000 is out of range"),
+        ("completion, max_tokens 0 without echo", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400,
+         "max_tokens 0 needs echo: true"),
+        ("completion, logprobs 21", "POST", "/v1/completions", {"prompt": "hi", "logprobs": 21}, 400,
+         "logprobs must be an integer from 0 to 20"),
+        ("completion, logprobs true", "POST", "/v1/completions", {"prompt": "hi", "logprobs": True}, 400,
+         "logprobs must be an integer from 0 to 20"),
+        ("completion, prompt over the context", "POST", "/v1/completions", {"prompt": "word " * 400}, 400,
+         "a sequence may take 300 positions here"),
+        ("completion, n = 2", "POST", "/v1/completions", {"prompt": "hi", "n": 2}, 400, "n must be 1"),
+        ("detokenize a text", "POST", "/detokenize", {"tokens": "abc"}, 400, "tokens must be a list of token ids"),
+        ("detokenize an id out of range", "POST", "/detokenize", {"tokens": [200000]}, 400,
+         "token id 200000 is out of range"),
+        ("POST to an unknown route", "POST", "/v1/embeddings", {"input": "hi"}, 404, "unknown route"),
         ("body over the limit", "POST", "/v1/chat/completions", user("x" * MAX_BODY), 413,
          f"over this server's limit of {MAX_BODY} bytes"),
         ("JSON nested without end", "POST", "/v1/chat/completions", b"[" * 5000, 400, "nested deeper than 64"),
@@ -420,10 +543,62 @@ def test_local_images_are_refused_unless_allowed(tmp_path):
         serve.image_source("file://other-host/x.png", tmp_path)
 
 
+def test_api_key_and_cors(repo, url):
+    """--api-key: every route but /health needs it (the openai client sends it); --allow-origin: the
+    pages of that origin may call (a preflight, then the origin in the answers), others may not; without
+    it no answer names an origin and a preflight is an unknown route."""
+    session = generate.Session(str(repo), device="cpu", dtype="float32")     # a server's model is its own
+    origin = "https://app.example"
+    with serving(session, api_key="sk-secret", allow_origins=(origin,)) as guarded:
+        assert raw(guarded, "GET", "/health") == (200, {"status": "ok"})
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-secret"}):
+            status, _, body = exchange(guarded, "GET", "/v1/models", headers)
+            assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key", headers
+        with OpenAI(base_url=f"{guarded}/v1", api_key="sk-secret", max_retries=0) as good, \
+                OpenAI(base_url=f"{guarded}/v1", api_key="wrong", max_retries=0) as bad:
+            assert hello(good, max_tokens=2).usage.completion_tokens == 2
+            assert good.completions.create(model=MODEL_ID, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+            with pytest.raises(openai.AuthenticationError):
+                hello(bad, max_tokens=2)
+        preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"}
+        status, headers, _ = exchange(guarded, "OPTIONS", "/v1/chat/completions", preflight)
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == origin
+        assert "POST" in headers["Access-Control-Allow-Methods"]
+        assert "Authorization" in headers["Access-Control-Allow-Headers"]
+        status, headers, _ = exchange(guarded, "OPTIONS", "/v1/chat/completions", {**preflight, "Origin": "https://evil.example"})
+        assert status == 403 and "Access-Control-Allow-Origin" not in headers
+        status, headers, _ = exchange(guarded, "GET", "/v1/models", {"Origin": origin, "Authorization": "Bearer sk-secret"})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == origin and headers["Vary"] == "Origin"
+        status, headers, _ = exchange(guarded, "GET", "/v1/models", {"Origin": "https://evil.example",
+                                                                     "Authorization": "Bearer sk-secret"})
+        assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    status, headers, _ = exchange(url, "GET", "/v1/models", {"Origin": origin})            # the default server
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    status, headers, _ = exchange(url, "OPTIONS", "/v1/models", preflight)
+    assert status == 404 and "Access-Control-Allow-Origin" not in headers
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "--max-batch 0: expected 1 or more"),
+    (["--max-model-len", "1"], "--max-model-len 1: expected 2 or more"),
+    (["--api-key", ""], "--api-key: expected a non-empty key"),
+])
+def test_serving_flags_are_checked_before_loading(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        serve.main(["--model", "/nonexistent", *flags])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_max_model_len_over_the_context_is_refused(repo, capsys):
+    assert serve.main(["--model", str(repo), "--device", "cpu", "--max-model-len", "301"]) == 2
+    assert "--max-model-len 301: more than the model's context of 300 tokens" in capsys.readouterr().err
+
+
 def test_a_bug_is_a_500_with_its_traceback_on_stderr(client, monkeypatch, capfd):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug deep inside")
-    monkeypatch.setattr(generate, "stream", broken)
+    monkeypatch.setattr(batch, "prefill", broken)
     with pytest.raises(openai.InternalServerError, match="internal error: RuntimeError: a bug deep inside"):
         hello(client)
     monkeypatch.undo()
@@ -432,14 +607,14 @@ def test_a_bug_is_a_500_with_its_traceback_on_stderr(client, monkeypatch, capfd)
 
 
 def test_an_error_mid_stream_is_an_error_chunk(client, monkeypatch, capfd):
-    real, calls = generate.sample, []
+    real, calls = batch.sample, []
 
     def failing(logits, s, generator=None):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("sampling broke")
         return real(logits, s, generator)
-    monkeypatch.setattr(generate, "sample", failing)
+    monkeypatch.setattr(batch, "sample", failing)
     seen = []
     with pytest.raises(openai.APIError, match="sampling broke"):
         for chunk in client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
@@ -451,17 +626,12 @@ def test_an_error_mid_stream_is_an_error_chunk(client, monkeypatch, capfd):
 
 
 def test_a_client_that_leaves_mid_stream_stops_its_generation(client, url, monkeypatch):
-    counts, real = [], generate.stream
+    counts, real = [], batch.sample
 
-    def counting(*args, **kwargs):
-        n = 0
-        try:
-            for step in real(*args, **kwargs):
-                n += 1
-                yield step
-        finally:
-            counts.append(n)
-    monkeypatch.setattr(generate, "stream", counting)
+    def counting(logits, s, generator=None):   # the engine's tokens for the abandoned answer (500 asked)
+        counts.append(s.max_tokens == 500)
+        return real(logits, s, generator)
+    monkeypatch.setattr(batch, "sample", counting)
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 500,
                        "stream": True}).encode()
@@ -475,9 +645,130 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(client, url, monke
                 break
     start = time.perf_counter()
     assert hello(client, max_tokens=4).usage.completion_tokens == 4
-    print(f"the abandoned stream generated {counts[0]} of 500 tokens; the next answer came in "
-          f"{time.perf_counter() - start:.2f} s")
-    assert counts[0] < 100 and time.perf_counter() - start < 10
+    seconds = time.perf_counter() - start
+    for _ in range(50):                                          # until the engine has made its last token
+        made = len(counts)
+        time.sleep(0.2)
+        if len(counts) == made:
+            break
+    print(f"the abandoned stream generated {sum(counts)} of 500 tokens; the next answer came in {seconds:.2f} s")
+    assert sum(counts) < 100 and seconds < 10
+
+
+# ----------------------------------------------------------------------------- starting, logging, fields not implemented
+
+def test_a_port_in_use_fails_before_the_model_loads(repo, monkeypatch, capsys):
+    monkeypatch.setattr(generate.Session, "load", lambda self: pytest.fail("the model loaded before the port"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        start = time.perf_counter()
+        assert serve.main(["--model", str(repo), "--device", "cpu", "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err and time.perf_counter() - start < 10
+
+
+def test_health_says_loading_until_the_model_is_ready(repo, monkeypatch):
+    """The server listens first; while the model loads (on a thread) /health answers 503 {"status":
+    "loading"} and every other route 503; then 200 and answers."""
+    loaded, release, real = threading.Event(), threading.Event(), generate.Session.load
+
+    def slow_load(self):
+        assert release.wait(timeout=60)
+        loaded.set()
+        return real(self)
+    monkeypatch.setattr(generate.Session, "load", slow_load)
+    server = serve.Server(generate.Session(str(repo), device="cpu", dtype="float32"), MODEL_ID, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert raw(url, "GET", "/health") == (503, {"status": "loading"})
+        status, body = raw(url, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 503 and "loading" in body["error"]["message"]
+        assert raw(url, "GET", "/v1/models")[0] == 503 and not loaded.is_set()
+        release.set()
+        assert server.ready.wait(timeout=60)
+        assert raw(url, "GET", "/health") == (200, {"status": "ok"})
+        status, body = raw(url, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                                 "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] == 2
+    finally:
+        release.set()
+        server.close()
+        thread.join(timeout=10)
+
+
+def test_a_model_that_fails_to_load_stops_the_server(repo, monkeypatch, capsys):
+    def bad(self):
+        raise InputError("layers.0.attention.wq.weight holds nan")
+    monkeypatch.setattr(generate.Session, "load", bad)
+    assert serve.main(["--model", str(repo), "--device", "cpu", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "listening on http://127.0.0.1:" in err and "error: layers.0.attention.wq.weight holds nan" in err
+
+
+def test_one_log_line_per_request(client, capfd):
+    """Its id, tokens, time to first token, speed, finish reason and client, on one line; a warning when
+    it names another model. Not http.server's access line besides."""
+    capfd.readouterr()
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
+                                           temperature=0, max_tokens=3)
+    chunks, _, _ = stream_answer(client, messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=3)
+    time.sleep(0.2)                                     # the stream's line is written once it is sent
+    err = capfd.readouterr().err
+    print(err)
+    (line,) = [line for line in err.splitlines() if reply.id in line]
+    assert line.startswith("127.0.0.1 ") and "POST /v1/chat/completions 200" in line
+    assert f"{reply.usage.prompt_tokens} prompt tokens, 3 generated, first token " in line
+    assert re.search(r"decode \S+ (tok/s|s/token), finish length$", line), line
+    (streamed,) = [line for line in err.splitlines() if chunks[0].id in line]
+    assert "3 generated" in streamed and "finish length" in streamed
+    assert re.search(r"warning: the request names model 'gpt-4o-mini'; this server serves", err)
+    assert err.count("warning:") == 1                   # the streamed request named the served model
+    assert "HTTP/1.1\"" not in err                      # no access line besides
+
+
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}), ("tool_choice", "required"),
+    ("tool_choice", {"type": "function", "function": {"name": "get_weather"}}), ("logit_bias", {"1000": 5}),
+    ("presence_penalty", 0.5), ("frequency_penalty", 1), ("parallel_tool_calls", False), ("min_p", 0.1),
+    ("repetition_penalty", 1.1), ("guided_json", {"type": "object"}), ("reasoning_effort", "high"),
+])
+def test_fields_not_implemented_are_refused(url, field, value):
+    status, body = raw(url, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                             "max_tokens": 1, field: value})
+    assert status == 400 and body["error"]["param"] == field and body["error"]["message"].startswith(field), body
+
+
+def test_fields_that_ask_for_nothing_are_accepted(client):
+    """What clients send by default (mistral-common's to_openai: response_format text, tool_choice auto)."""
+    reply = hello(client, max_tokens=1, response_format={"type": "text"}, tool_choice="auto", tools=TOOLS,
+                  parallel_tool_calls=True, presence_penalty=0, frequency_penalty=0, logit_bias={}, n=1,
+                  extra_body={"continue_final_message": False, "repetition_penalty": 1})
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_tool_choice_none_offers_no_tool(client):
+    offered = hello(client, max_tokens=1, tools=TOOLS, tool_choice="auto").usage.prompt_tokens
+    none = hello(client, max_tokens=1, tools=TOOLS, tool_choice="none").usage.prompt_tokens
+    assert none == hello(client, max_tokens=1).usage.prompt_tokens < offered
+
+
+def test_a_client_gone_while_its_error_is_sent_leaves_no_traceback(client, url, capfd):
+    """The client sends a request that is refused (an unknown route with a long body), then resets the
+    connection while the server reads the rest of the body to answer."""
+    host, port = url.removeprefix("http://").split(":")
+    capfd.readouterr()
+    for _ in range(3):
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 1000)
+        time.sleep(0.3)                                  # the server is reading the body it refuses
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()                                     # a reset, not a close
+    assert hello(client, max_tokens=1).choices[0].finish_reason == "length"
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+    assert err.count("POST /v1/nothing 404 unknown route: POST /v1/nothing (the client left)") == 3, err
 
 
 # ----------------------------------------------------------------------------- load
