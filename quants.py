@@ -11,6 +11,8 @@ arithmetic follows gguf's order: (d * sc) * q rounds twice, d * (sc * q) once, a
 gguf (llama.cpp's Python package) is an optional dependency, needed only for GGUF files. The block sizes and
 the IQ codebooks (grids, sign patterns, IQ4 values) are read from it at run time, not copied here.
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -480,33 +482,33 @@ def _int4_layout(codes: torch.Tensor, out: torch.Tensor):
     torch.stack([low, high], dim=-3, out=out.view(*low.shape[:-2], 2, *low.shape[-2:]))
 
 
-# Q8_0 / Q5_K / Q6_K: the block fields stored apart, the output rows innermost (FusedLinear). Each function
-# takes the fields [b, ..., R] (b blocks along a row) and gives codes [b, *sub-blocks, n, R] float32 (the n
-# weights of a sub-block in the input's order), scales [b, *sub, 1, R] and offsets (the same, or None):
-# w = codes * scales + offsets, the order of gguf's float32 arithmetic.
+# Q8_0 / Q5_K / Q6_K: the block fields stored apart in tiles of output rows (FusedLinear). Each function takes
+# the fields [n, ..., r] (n: tiles x blocks along a row, r: the rows of a tile) and gives codes
+# [n, *sub-blocks, k, r] float32 (the k weights of a sub-block in the input's order), scales [n, *sub, 1, r]
+# and offsets (the same, or None): w = codes * scales + offsets, the order of gguf's float32 arithmetic.
 
-def _fused_q8_0(d: torch.Tensor, q: torch.Tensor):  # d [b, 1, R] fp16, q [b, 32, R] int8
+def _fused_q8_0(d: torch.Tensor, q: torch.Tensor):  # d [n, 1, r] fp16, q [n, 32, r] int8
     return q.float(), d.float(), None
 
 
 def _fused_q5_k(d: torch.Tensor, sc: torch.Tensor, qh: torch.Tensor, qs: torch.Tensor):
-    # d [b, 2, R] fp16 (d, dmin); sc [b, 2, 8, R] (the 6-bit scales and mins, unpacked); qh [b, 32, R]; qs [b, 128, R]
-    b, r = qs.shape[0], qs.shape[-1]
-    low = qs.view(b, 4, 1, 32, r) >> _NIBBLE_SHIFTS.to(qs.device) & 15    # [b, 4, 2, 32, R]: sub-block 2c + nibble
-    high = qh.view(b, 1, 1, 32, r) >> _SUB_BLOCK_BITS.to(qs.device) & 1   # bit j of byte l: weight l of sub-block j
-    scales = (d[:, 0:1].float() * sc[:, 0].float()).view(b, 4, 2, 1, r)
-    offsets = -(d[:, 1:2].float() * sc[:, 1].float()).view(b, 4, 2, 1, r)
+    # d [n, 2, r] fp16 (d, dmin); sc [n, 2, 8, r] (the 6-bit scales and mins, unpacked); qh [n, 32, r]; qs [n, 128, r]
+    n, r = qs.shape[0], qs.shape[-1]
+    low = qs.view(n, 4, 1, 32, r) >> _NIBBLE_SHIFTS.to(qs.device) & 15    # [n, 4, 2, 32, r]: sub-block 2c + nibble
+    high = qh.view(n, 1, 1, 32, r) >> _SUB_BLOCK_BITS.to(qs.device) & 1   # bit j of byte l: weight l of sub-block j
+    scales = (d[:, 0:1].float() * sc[:, 0].float()).view(n, 4, 2, 1, r)
+    offsets = -(d[:, 1:2].float() * sc[:, 1].float()).view(n, 4, 2, 1, r)
     return (low | high << 4).float(), scales, offsets
 
 
 def _fused_q6_k(d: torch.Tensor, sc: torch.Tensor, ql: torch.Tensor, qh: torch.Tensor):
-    # d [b, 1, R] fp16; sc [b, 16, R] int8; ql [b, 128, R]; qh [b, 64, R]. Weight 128 h + 64 i + 32 c + l of a
+    # d [n, 1, r] fp16; sc [n, 16, r] int8; ql [n, 128, r]; qh [n, 64, r]. Weight 128 h + 64 i + 32 c + l of a
     # block: nibble i of ql byte 64 h + 32 c + l, bits 2 (2 i + c) of qh byte 32 h + l; sub-block (w // 16).
-    b, r = ql.shape[0], ql.shape[-1]
-    low = ql.view(b, 2, 1, 2, 32, r) >> _NIBBLE_SHIFTS.to(ql.device).view(2, 1, 1, 1) & 15   # [b, h, i, c, l, R]
-    high = qh.view(b, 2, 1, 1, 32, r) >> _Q6_K_HIGH_SHIFTS.to(ql.device) & 3
-    codes = ((low | high << 4).float() - 32).view(b, 2, 2, 2, 2, 16, r)
-    scales = (d.float() * sc.float()).view(b, 2, 2, 2, 2, 1, r)
+    n, r = ql.shape[0], ql.shape[-1]
+    low = ql.view(n, 2, 1, 2, 32, r) >> _NIBBLE_SHIFTS.to(ql.device).view(2, 1, 1, 1) & 15   # [n, h, i, c, l, r]
+    high = qh.view(n, 2, 1, 1, 32, r) >> _Q6_K_HIGH_SHIFTS.to(ql.device) & 3
+    codes = ((low | high << 4).float() - 32).view(n, 2, 2, 2, 2, 16, r)
+    scales = (d.float() * sc.float()).view(n, 2, 2, 2, 2, 1, r)
     return codes, scales, None
 
 
@@ -534,61 +536,71 @@ def _fields_q6_k(b: torch.Tensor) -> list[torch.Tensor]:
 # type -> (the fields of blocks [R, b, Z], each [R, b, ...]; the codes, scales and offsets from them, rows last)
 _FUSED = {"Q8_0": (_fields_q8_0, _fused_q8_0), "Q5_K": (_fields_q5_k, _fused_q5_k),
           "Q6_K": (_fields_q6_k, _fused_q6_k)}
-
-
-def fused_matvec(type_name: str, x: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:
-    """One token's product y [R] = W x [C] from the fields, each sub-block's codes summed against x before
-    its scale multiplies. Run compiled (_compiled_matvec): one loop over the bytes, 16 output rows at a
-    time, no weight materialized; eager, it makes temporaries of the whole matrix."""
-    codes, scales, offsets = _FUSED[type_name][1](*fields)
-    x = x.view(*codes.shape[:-1], 1)
-    y = (codes * x).sum(-2, keepdim=True) * scales
-    if offsets is not None:
-        y = y + offsets * x.sum(-2, keepdim=True)
-    return y.view(-1, y.shape[-1]).sum(0)
+FUSED_TILE = 128   # output rows of a tile: their fields are contiguous, so a tile's loop reads memory in order
 
 
 def fused_weights(type_name: str, *fields: torch.Tensor) -> torch.Tensor:
-    """The weights W.T [C, R] of the fields (of some rows), as gguf computes them."""
-    codes, scales, offsets = _FUSED[type_name][1](*fields)
+    """The weights of some tiles [t, C, r] (each tile's W.T) from their fields [t, b, ..., r], as gguf computes them."""
+    t, r = fields[0].shape[0], fields[0].shape[-1]
+    codes, scales, offsets = _FUSED[type_name][1](*(f.flatten(0, 1) for f in fields))
     w = codes * scales if offsets is None else codes * scales + offsets
-    return w.view(-1, w.shape[-1])
+    return w.view(t, -1, r)
 
 
-# Compiled once per type (the type name is a constant of the graph) for every shape (dynamic): each kernel
-# parallel whatever the sizes of the first call (dynamic_threads), which would otherwise decide it. (One
-# compilation per shape runs about 25 % faster, but its variants would pass dynamo's limit of 8 per function
-# in a model of several types and shapes, past which it runs the eager code: see fused_matvec.)
-_compiled_matvec = torch.compile(fused_matvec, dynamic=True, options={"cpp.dynamic_threads": True})
-_compiled_weights = torch.compile(fused_weights, dynamic=True, options={"cpp.dynamic_threads": True})
+def fused_matvec(type_name: str, x: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:
+    """One token's product y [R] = W x [C] from the fields. Compiled (_compiled), one loop that dequantizes
+    each weight and sums as it goes, no weight materialized: one reduction over a tile's C weights (two, a
+    sub-block's sum then its scale, would keep all the sub-block sums, [C / 16, R] float32 for Q6_K)."""
+    return (fused_weights(type_name, *fields) * x[:, None]).sum(1).flatten()
+
+
+_COMPILED = {}   # function -> its compiled form, made on first use
+
+
+def _compiled(fn):
+    """fn compiled once for every shape (dynamic), each kernel parallel whatever the sizes of the first call
+    (dynamic_threads), which would otherwise decide it. Compiled on first use: torch.compile brings in
+    dynamo (about 70 MB), which a model without fused types never needs; inside a step being compiled
+    whole (--compile), fn itself, traced into that step's graph. (One compilation per shape runs about
+    25 % faster, but its variants would pass dynamo's limit of 8 per function in a model of several types
+    and shapes, past which it runs the eager code.)"""
+    if torch.compiler.is_compiling():
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, options={"cpp.dynamic_threads": True})
+    return _COMPILED[fn]
 
 
 class FusedLinear(_Matrix):
-    """nn.Linear without bias over Q8_0 / Q5_K / Q6_K weights, their block fields stored transposed at load:
-    each field [blocks along a row, field size, R], the R output rows innermost. The file's bytes,
-    rearranged (Q5_K's 6-bit scales unpacked to bytes: +2 %). One token (decoding) runs one compiled loop
-    that dequantizes 16 rows at a time from the bytes and sums as it goes; several (prefill) dequantize the
-    weights of a few hundred rows at a time, as gguf computes them, for a matrix product in float32."""
+    """nn.Linear without bias over Q8_0 / Q5_K / Q6_K weights, their block fields stored at load in tiles of
+    FUSED_TILE output rows (fewer when R is not a multiple): each field [R / r, blocks along a row, field
+    size, r], a tile's rows innermost. The file's bytes, rearranged (Q5_K's 6-bit scales unpacked to bytes:
+    +2 %). One token (decoding) runs one compiled loop that dequantizes and sums as it goes; several
+    (prefill) dequantize the weights of a few tiles at a time, as gguf computes them, for a matrix product
+    in float32."""
 
     def __init__(self, blocks: torch.Tensor, qtype: QType, shape: tuple[int, int], dtype: torch.dtype = torch.float32):
         super().__init__(qtype, shape, dtype)
         rows, cols = self.shape
         block, size = BLOCK[self.qtype]
+        tile = math.gcd(rows, FUSED_TILE)
         fields = _FUSED[self.qtype][0](blocks.view(rows, cols // block, size))
         self.field_names = tuple(f"field{i}" for i in range(len(fields)))
         for name, field in zip(self.field_names, fields):
-            self.register_buffer(name, field.movedim(0, -1).contiguous())
+            self.register_buffer(name, field.view(rows // tile, tile, *field.shape[1:]).movedim(1, -1).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         rows, cols = self.shape
         fields = [getattr(self, name) for name in self.field_names]
         flat = x.reshape(-1, cols).float()
         if len(flat) == 1:
-            y = _compiled_matvec(self.qtype, flat[0], *fields)[None]
+            y = _compiled(fused_matvec)(self.qtype, flat[0], *fields)[None]
         else:
-            step = max(16, (1 << 20) // cols // 16 * 16)   # rows per part: 1 M weights, 4 MB of float32
-            y = torch.cat([flat @ _compiled_weights(self.qtype, *(f[..., start:start + step] for f in fields))
-                           for start in range(0, rows, step)], dim=-1)
+            tiles, tile = fields[0].shape[0], fields[0].shape[-1]
+            step = max(1, (1 << 20) // (cols * tile))   # tiles per part: 1 M weights, 4 MB of float32
+            y = torch.cat([flat @ _compiled(fused_weights)(self.qtype, *(f[start:start + step] for f in fields))
+                           for start in range(0, tiles, step)])          # [tiles, n, r]
+            y = y.transpose(0, 1).reshape(len(flat), rows)
         return y.reshape(*x.shape[:-1], rows).to(x.dtype)
 
 

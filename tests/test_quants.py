@@ -189,13 +189,15 @@ def test_int4_layout_is_pytorchs():
     assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
 
 
+@pytest.mark.parametrize("rows", [40, 1152])   # tiles of 8 rows; 9 of 128 (FUSED_TILE), a prefill in 2 parts
 @pytest.mark.parametrize("name", FUSED_TYPES)
-def test_fused_linear_weights_are_ggufs_and_its_products_close(name):
-    raw = random_blocks(name, 40, COLS)
-    layer = quants.FusedLinear(torch.from_numpy(raw), name, (40, COLS))
+def test_fused_linear_weights_are_ggufs_and_its_products_close(name, rows):
+    raw = random_blocks(name, rows, COLS)
+    layer = quants.FusedLinear(torch.from_numpy(raw), name, (rows, COLS))
     w = oracle(raw, name)
     fields = [getattr(layer, field) for field in layer.field_names]
-    assert torch.equal(quants.fused_weights(name, *fields), w.T)   # the prefill path's weights, bit-exact
+    weights = quants.fused_weights(name, *fields)                    # [tiles, C, rows of a tile]
+    assert torch.equal(weights.transpose(0, 1).reshape(COLS, rows), w.T)   # the prefill path's weights, bit-exact
     for n in (1, 3):   # one token (the compiled loop), several (weights then a matrix product)
         x = torch.randn(n, COLS, generator=torch.Generator().manual_seed(n))
         reference = x.double() @ w.double().T
@@ -208,7 +210,8 @@ def test_fused_q6_k_with_its_high_bits_swapped_is_caught(monkeypatch):
     monkeypatch.setattr(quants, "_Q6_K_HIGH_SHIFTS", quants._Q6_K_HIGH_SHIFTS.flip(0))
     layer = quants.FusedLinear(torch.from_numpy(raw), "Q6_K", (40, COLS))
     fields = [getattr(layer, field) for field in layer.field_names]
-    assert not torch.equal(quants.fused_weights("Q6_K", *fields), oracle(raw, "Q6_K").T)
+    weights = quants.fused_weights("Q6_K", *fields).transpose(0, 1).reshape(COLS, 40)
+    assert not torch.equal(weights, oracle(raw, "Q6_K").T)
 
 
 @pytest.mark.parametrize("name, kind", [("Q4_K", "Int4Linear"), ("Q4_0", "Int4Linear"), ("Q6_K", "FusedLinear"),
