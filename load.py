@@ -23,7 +23,6 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -169,7 +168,8 @@ def load_tensors(model: nn.Module, checkpoint: Checkpoint, dtype, device, check_
     matrices multiply (gguf_file.quant_module)."""
     expected = model.state_dict()   # name -> the meta tensor: its shape and, split, the slice this rank holds
     seen: dict[str, Stored] = {}
-    with loading_bar(len(expected), checkpoint.name) as progress, _weights_out_of_the_heap():
+    _large_blocks_mapped()
+    with loading_bar(len(expected), checkpoint.name) as progress:
         for stored in stored_tensors(checkpoint):
             _check_stored(stored, expected, seen, checkpoint)
             seen[stored.name] = replace(stored, data=None)   # not its data: a repacked matrix's pages then go
@@ -244,26 +244,20 @@ def _packed_layer(stored: Stored, module: nn.Module, checkpoint: Checkpoint, dty
     return (PackedEmbedding if isinstance(module, nn.Embedding) else PackedLinear)(stored.data, dtype, order)
 
 
-@contextmanager
-def _weights_out_of_the_heap():
-    """While loading, give every block of 128 KiB or more a memory map of its own (glibc's malloc on Linux).
-    glibc serves a block from its heap when it is under a threshold that it raises to the size of each
-    mapped block freed (up to 32 MiB). Loading frees many blocks of a few MB (the parts of a repacking,
-    converted copies), after which weights of that size land in the heap between freed temporaries: memory
-    it cannot give back, 110 MB of a 24 B GGUF's. After loading the threshold stays at 32 MiB, where it
-    would have risen: answers' temporaries are reused from the heap, not mapped and zeroed anew."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
-    if mallopt is None:   # another system, or a C library without it
-        yield
-        return
-    mallopt(M_MMAP_THRESHOLD, 128 * 2**10)
-    try:
-        yield
-    finally:
-        mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-
-
 M_MMAP_THRESHOLD = -3   # mallopt's parameter (malloc.h)
+
+
+def _large_blocks_mapped() -> None:
+    """From loading on, give every block of 128 KiB or more a memory map of its own (glibc's malloc on
+    Linux). glibc serves a block from its heap when it is under a threshold that it raises to the size of
+    each mapped block freed (up to 32 MiB). Loading frees many blocks of a few MB (the parts of a
+    repacking, converted copies), after which weights of that size land in the heap between freed
+    temporaries: memory it cannot give back, 90 MB of a 24 B Q4_K GGUF's, and as much again in the
+    temporaries of its answers. The price: each such temporary is mapped and zeroed anew (that GGUF loads
+    in 65 s instead of 48; its decoding was not measurably slower)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
+    if mallopt is not None:   # not on another system, or a C library without it
+        mallopt(M_MMAP_THRESHOLD, 128 * 2**10)
 
 
 def loading_bar(total: int, name: str) -> tqdm:

@@ -11,7 +11,7 @@ arithmetic follows gguf's order: (d * sc) * q rounds twice, d * (sc * q) once, a
 gguf (llama.cpp's Python package) is an optional dependency, needed only for GGUF files. The block sizes and
 the IQ codebooks (grids, sign patterns, IQ4 values) are read from it at run time, not copied here.
 """
-import math
+from math import gcd
 
 import numpy as np
 import torch
@@ -548,10 +548,18 @@ def fused_weights(type_name: str, *fields: torch.Tensor) -> torch.Tensor:
 
 
 def fused_matvec(type_name: str, x: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:
-    """One token's product y [R] = W x [C] from the fields. Compiled (_compiled), one loop that dequantizes
-    each weight and sums as it goes, no weight materialized: one reduction over a tile's C weights (two, a
-    sub-block's sum then its scale, would keep all the sub-block sums, [C / 16, R] float32 for Q6_K)."""
-    return (fused_weights(type_name, *fields) * x[:, None]).sum(1).flatten()
+    """One token's product y [t * r] = W x [C] over some tiles, from their fields: each sub-block's codes
+    summed against x, then times its scale (plus its offset times x's sum over it). Compiled (_compiled),
+    one loop that dequantizes and sums as it goes; the sub-block sums [t, C / k, r] are its one temporary,
+    so FusedLinear runs it on a few tiles at a time (all at once, they are 168 MB for a 24 B model's Q6_K head)."""
+    t, r = fields[0].shape[0], fields[0].shape[-1]
+    codes, scales, offsets = (None if f is None else f.view(t, -1, *f.shape[1:])   # [t, b, *sub, k or 1, r]
+                              for f in _FUSED[type_name][1](*(f.flatten(0, 1) for f in fields)))
+    x = x.view(*codes.shape[1:-1], 1)
+    y = (codes * x).sum(-2, keepdim=True) * scales
+    if offsets is not None:
+        y = y + offsets * x.sum(-2, keepdim=True)
+    return y.view(t, -1, r).sum(1).flatten()
 
 
 _COMPILED = {}   # function -> its compiled form, made on first use
@@ -561,9 +569,9 @@ def _compiled(fn):
     """fn compiled once for every shape (dynamic), each kernel parallel whatever the sizes of the first call
     (dynamic_threads), which would otherwise decide it. Compiled on first use: torch.compile brings in
     dynamo (about 70 MB), which a model without fused types never needs; inside a step being compiled
-    whole (--compile), fn itself, traced into that step's graph. (One compilation per shape runs about
-    25 % faster, but its variants would pass dynamo's limit of 8 per function in a model of several types
-    and shapes, past which it runs the eager code.)"""
+    whole (--compile), fn itself, traced into that step's graph. (A compilation per shape can run faster,
+    but its variants would pass dynamo's limit of 8 per function in a model of several types and shapes,
+    past which it runs the eager code.)"""
     if torch.compiler.is_compiling():
         return fn
     if fn not in _COMPILED:
@@ -575,15 +583,14 @@ class FusedLinear(_Matrix):
     """nn.Linear without bias over Q8_0 / Q5_K / Q6_K weights, their block fields stored at load in tiles of
     FUSED_TILE output rows (fewer when R is not a multiple): each field [R / r, blocks along a row, field
     size, r], a tile's rows innermost. The file's bytes, rearranged (Q5_K's 6-bit scales unpacked to bytes:
-    +2 %). One token (decoding) runs one compiled loop that dequantizes and sums as it goes; several
-    (prefill) dequantize the weights of a few tiles at a time, as gguf computes them, for a matrix product
-    in float32."""
+    +2 %). A few tiles at a time, one token (decoding) runs a compiled loop that dequantizes and sums as it
+    goes; several (prefill) dequantize the weights, as gguf computes them, for a matrix product in float32."""
 
     def __init__(self, blocks: torch.Tensor, qtype: QType, shape: tuple[int, int], dtype: torch.dtype = torch.float32):
         super().__init__(qtype, shape, dtype)
         rows, cols = self.shape
         block, size = BLOCK[self.qtype]
-        tile = math.gcd(rows, FUSED_TILE)
+        tile = gcd(rows, FUSED_TILE)
         fields = _FUSED[self.qtype][0](blocks.view(rows, cols // block, size))
         self.field_names = tuple(f"field{i}" for i in range(len(fields)))
         for name, field in zip(self.field_names, fields):
@@ -593,13 +600,15 @@ class FusedLinear(_Matrix):
         rows, cols = self.shape
         fields = [getattr(self, name) for name in self.field_names]
         flat = x.reshape(-1, cols).float()
+        tiles, tile = fields[0].shape[0], fields[0].shape[-1]
+        # tiles per part, whose temporaries are 4 MB of float32: decoding's sub-block sums of 16 M weights at
+        # most (one per 16 or 32), prefill's weights of 1 M
+        step = max(1, (2**24 if len(flat) == 1 else 2**20) // (cols * tile))
+        parts = [[f[start:start + step] for f in fields] for start in range(0, tiles, step)]
         if len(flat) == 1:
-            y = _compiled(fused_matvec)(self.qtype, flat[0], *fields)[None]
+            y = torch.cat([_compiled(fused_matvec)(self.qtype, flat[0], *part) for part in parts])[None]
         else:
-            tiles, tile = fields[0].shape[0], fields[0].shape[-1]
-            step = max(1, (1 << 20) // (cols * tile))   # tiles per part: 1 M weights, 4 MB of float32
-            y = torch.cat([flat @ _compiled(fused_weights)(self.qtype, *(f[start:start + step] for f in fields))
-                           for start in range(0, tiles, step)])          # [tiles, n, r]
+            y = torch.cat([flat @ _compiled(fused_weights)(self.qtype, *part) for part in parts])   # [tiles, n, r]
             y = y.transpose(0, 1).reshape(len(flat), rows)
         return y.reshape(*x.shape[:-1], rows).to(x.dtype)
 
@@ -608,7 +617,7 @@ def linear(blocks: torch.Tensor, qtype: QType, shape: tuple[int, int], dtype: to
            math: str = "fast") -> nn.Module:
     """The nn.Linear (no bias) of a quantized matrix, GGUF rows [R, row bytes] of shape (R, C). math
     "exact": QuantLinear, dequantized in each forward, bit-exact with gguf. "fast": Q4_0 / Q4_1 / Q4_K
-    repacked for PyTorch's int4 kernels (Int4Linear), Q8_0 / Q5_K / Q6_K stored output rows innermost for
+    repacked for PyTorch's int4 kernels (Int4Linear), Q8_0 / Q5_K / Q6_K stored in tiles of output rows for
     a compiled loop (FusedLinear); the other types as "exact"."""
     type_name = check_type("quants.linear", qtype)
     if math == "fast" and type_name in _INT4:
