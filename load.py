@@ -23,6 +23,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -168,8 +169,7 @@ def load_tensors(model: nn.Module, checkpoint: Checkpoint, dtype, device, check_
     matrices multiply (gguf_file.quant_module)."""
     expected = model.state_dict()   # name -> the meta tensor: its shape and, split, the slice this rank holds
     seen: dict[str, Stored] = {}
-    _large_blocks_mapped()
-    with loading_bar(len(expected), checkpoint.name) as progress:
+    with loading_bar(len(expected), checkpoint.name) as progress, _weights_out_of_the_heap():
         for stored in stored_tensors(checkpoint):
             _check_stored(stored, expected, seen, checkpoint)
             seen[stored.name] = replace(stored, data=None)   # not its data: a repacked matrix's pages then go
@@ -247,17 +247,26 @@ def _packed_layer(stored: Stored, module: nn.Module, checkpoint: Checkpoint, dty
 M_MMAP_THRESHOLD = -3   # mallopt's parameter (malloc.h)
 
 
-def _large_blocks_mapped() -> None:
-    """From loading on, give every block of 128 KiB or more a memory map of its own (glibc's malloc on
-    Linux). glibc serves a block from its heap when it is under a threshold that it raises to the size of
-    each mapped block freed (up to 32 MiB). Loading frees many blocks of a few MB (the parts of a
-    repacking, converted copies), after which weights of that size land in the heap between freed
-    temporaries: memory it cannot give back, 90 MB of a 24 B Q4_K GGUF's, and as much again in the
-    temporaries of its answers. The price: each such temporary is mapped and zeroed anew (that GGUF loads
-    in 65 s instead of 48; its decoding was not measurably slower)."""
+@contextmanager
+def _weights_out_of_the_heap():
+    """While loading, give every block of 128 KiB or more a memory map of its own; after, every block of
+    1 MiB or more (glibc's malloc, on Linux). glibc serves a block from its heap when it is under a
+    threshold that it raises to the size of each mapped block freed (up to 32 MiB). Loading frees many
+    blocks of a few MB (the parts of a repacking, converted copies), after which weights of that size land
+    in the heap between freed temporaries, memory it cannot give back: 90 MB of a 24 B Q4_K GGUF's. An
+    answer's temporaries of a few MB (a prefill's activations) would likewise stay in the heap, 0.2-0.3 GB
+    more; smaller ones are reused there, not mapped and zeroed anew (which slowed a small model's bfloat16
+    decoding by 30 % at 128 KiB). The price: loading's temporaries are mapped and zeroed anew (that GGUF
+    loads in 65 s instead of 48)."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
-    if mallopt is not None:   # not on another system, or a C library without it
-        mallopt(M_MMAP_THRESHOLD, 128 * 2**10)
+    if mallopt is None:   # another system, or a C library without it
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, 128 * 2**10)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, 2**20)
 
 
 def loading_bar(total: int, name: str) -> tqdm:
