@@ -537,6 +537,9 @@ def _fields_q6_k(b: torch.Tensor) -> list[torch.Tensor]:
 _FUSED = {"Q8_0": (_fields_q8_0, _fused_q8_0), "Q5_K": (_fields_q5_k, _fused_q5_k),
           "Q6_K": (_fields_q6_k, _fused_q6_k)}
 FUSED_TILE = 128   # output rows of a tile: their fields are contiguous, so a tile's loop reads memory in order
+# Weights per part of a FusedLinear's product, so that a part's temporaries are 4 MB of float32: decoding's
+# sub-block sums (one per 16 or 32 weights), prefill's dequantized weights.
+FUSED_DECODE_PART, FUSED_PREFILL_PART = 2**24, 2**20
 
 
 def fused_weights(type_name: str, *fields: torch.Tensor) -> torch.Tensor:
@@ -601,9 +604,7 @@ class FusedLinear(_Matrix):
         fields = [getattr(self, name) for name in self.field_names]
         flat = x.reshape(-1, cols).float()
         tiles, tile = fields[0].shape[0], fields[0].shape[-1]
-        # tiles per part, whose temporaries are 4 MB of float32: decoding's sub-block sums of 16 M weights at
-        # most (one per 16 or 32), prefill's weights of 1 M
-        step = max(1, (2**24 if len(flat) == 1 else 2**20) // (cols * tile))
+        step = max(1, (FUSED_DECODE_PART if len(flat) == 1 else FUSED_PREFILL_PART) // (cols * tile))   # tiles
         parts = [[f[start:start + step] for f in fields] for start in range(0, tiles, step)]
         if len(flat) == 1:
             y = torch.cat([_compiled(fused_matvec)(self.qtype, flat[0], *part) for part in parts])[None]

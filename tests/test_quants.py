@@ -189,9 +189,10 @@ def test_int4_layout_is_pytorchs():
     assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
 
 
-@pytest.mark.parametrize("rows", [40, 1152])   # tiles of 8 rows; 9 of 128 (FUSED_TILE), a prefill in 2 parts
+@pytest.mark.parametrize("rows", [40, 1152])   # tiles of 8 rows; 9 of 128 (FUSED_TILE), in parts of 2 or 8
 @pytest.mark.parametrize("name", FUSED_TYPES)
-def test_fused_linear_weights_are_ggufs_and_its_products_close(name, rows):
+def test_fused_linear_weights_are_ggufs_and_its_products_close(name, rows, monkeypatch):
+    monkeypatch.setattr(quants, "FUSED_DECODE_PART", 2 * 128 * COLS)   # the tiles of a 1152-row matrix in 5 parts
     raw = random_blocks(name, rows, COLS)
     layer = quants.FusedLinear(torch.from_numpy(raw), name, (rows, COLS))
     w = oracle(raw, name)
