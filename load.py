@@ -257,9 +257,11 @@ def _weights_out_of_the_heap():
     answer's temporaries of a few MB (a prefill's activations) would likewise stay in the heap, 0.2-0.3 GB
     more; smaller ones are reused there, not mapped and zeroed anew (which slowed a small model's bfloat16
     decoding by 30 % at 128 KiB). The price: loading's temporaries are mapped and zeroed anew (that GGUF
-    loads in 65 s instead of 48)."""
+    loads in 65 s instead of 48). A threshold the process was given (glibc's MALLOC_MMAP_THRESHOLD_ or
+    GLIBC_TUNABLES) is left as it is: it is fixed, not raised."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
-    if mallopt is None:   # another system, or a C library without it
+    given = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+    if mallopt is None or given:   # another system, a C library without it, or a threshold already fixed
         yield
         return
     mallopt(M_MMAP_THRESHOLD, 128 * 2**10)
