@@ -8,6 +8,8 @@ random block would be noise), bit-packed as ggml lays them out and read back thr
 """
 import base64
 
+import re
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGUFWriter
@@ -288,6 +290,19 @@ def q4_k_m(name: str) -> str:
     and the output head, Q4_K for every other matrix. (llama.cpp also gives Q6_K to some layers'
     attn_v and ffn_down; here all of those stay Q4_K.)"""
     return "Q6_K" if name in ("tok_embeddings.weight", "output.weight") else "Q4_K"
+
+
+def llama_q4_k_m(n_layers: int):
+    """llama.cpp's own Q4_K_M recipe for this family (its llama_tensor_get_type), as the types function of
+    write_random_gguf: Q6_K for the output head and for attn_v and ffn_down of the layers its use_more_bits
+    picks (i < n / 8, i >= 7 n / 8, (i - n / 8) % 3 == 2: 20 of 40), Q4_K for the rest, the embedding too."""
+    def more_bits(i: int) -> bool:
+        return i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2
+
+    def types(name: str) -> str:
+        layer = re.match(r"layers\.(\d+)\.(attention\.wv|feed_forward\.w2)\.weight$", name)
+        return "Q6_K" if name == "output.weight" or (layer and more_bits(int(layer[1]))) else "Q4_K"
+    return types
 
 
 def write_random_gguf(path, params: dict, types=lambda name: "Q4_K"):
