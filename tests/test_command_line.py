@@ -16,19 +16,17 @@ import termios
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import compare_server
 import generate
 import quant_report
-from checkpoints import TINY_VISION_PARAMS, write_native
+from checkpoints import TINY_VISION_PARAMS
 from generate import Sampling, Stats
 from inputs import InputError
-from tekken_files import write_tekken
+from model_folders import write_model_folder
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).parents[1]
@@ -42,11 +40,7 @@ def repo(tmp_path_factory):
     """A tiny model folder laid out like the official one (SYSTEM_PROMPT.txt included), an image, a
     conversation file."""
     folder = tmp_path_factory.mktemp("Mistral-Small-3.2-24B-Instruct-2506")
-    write_native(folder, PARAMS, seed=3)
-    write_tekken(folder, "v11")
-    (folder / "SYSTEM_PROMPT.txt").write_text(SYSTEM)
-    noise = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(folder / "photo.png")
+    write_model_folder(folder, PARAMS, SYSTEM)
     (folder / "chat.json").write_text(json.dumps([{"role": "user", "content": "Hello there"}]))
     return folder
 

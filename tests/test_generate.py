@@ -167,10 +167,8 @@ def test_missing_local_folder(capsys):
 
 import json  # noqa: E402
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from checkpoints import TINY_VISION_PARAMS, hf_mistral3_model, write_native  # noqa: E402
+from checkpoints import TINY_VISION_PARAMS, hf_mistral3_model  # noqa: E402
+from model_folders import write_model_folder  # noqa: E402
 
 PARAMS = {**TINY_VISION_PARAMS, "vocab_size": 131072, "max_position_embeddings": 600}
 SYSTEM = "You are {name}, a helpful assistant. Today is {today}."
@@ -180,13 +178,8 @@ SYSTEM = "You are {name}, a helpful assistant. Today is {today}."
 def repo(tmp_path_factory):
     """A model folder laid out like the official repository, with a tiny random model."""
     folder = tmp_path_factory.mktemp("Mistral-Small-3.2-24B-Instruct-2506")
-    weights = write_native(folder, PARAMS, seed=3)
-    write_tekken(folder, "v11")
-    (folder / "SYSTEM_PROMPT.txt").write_text(SYSTEM)
-    image = folder / "photo.png"
-    noise = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(image)
-    return folder, weights, image
+    weights = write_model_folder(folder, PARAMS, SYSTEM)
+    return folder, weights, folder / "photo.png"
 
 
 @pytest.fixture(scope="module")

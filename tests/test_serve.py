@@ -18,12 +18,10 @@ from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
 
-import numpy as np
 import openai
 import pytest
 import torch
 from openai import OpenAI
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import batch
@@ -31,12 +29,12 @@ import compare_server
 import generate
 import serve
 from chat import encode_chat
-from checkpoints import TINY_VISION_PARAMS, write_native
+from checkpoints import TINY_VISION_PARAMS
 from compare_server import TokenIds, compare_position
 from inputs import InputError
 from load import load_model
+from model_folders import write_model_folder
 from serve import Limits
-from tekken_files import write_tekken
 
 ROOT = Path(__file__).parents[1]
 PARAMS = {**TINY_VISION_PARAMS, "vocab_size": 131072, "max_position_embeddings": 300}
@@ -54,11 +52,7 @@ def repo(tmp_path_factory):
     """A model folder laid out like the official repository, with a tiny random model; a folder that
     local images may be read from (--allow-local-images) holding one image and a link out of it."""
     folder = tmp_path_factory.mktemp("Mistral-Small-3.2-24B-Instruct-2506")
-    write_native(folder, PARAMS, seed=3)
-    write_tekken(folder, "v11")
-    (folder / "SYSTEM_PROMPT.txt").write_text(SYSTEM)
-    noise = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(folder / "photo.png")
+    write_model_folder(folder, PARAMS, SYSTEM)
     allowed = folder / "allowed"
     allowed.mkdir()
     shutil.copy(folder / "photo.png", allowed / "inside.png")
